@@ -1,0 +1,41 @@
+# blissctl — `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-slow demo bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned, so that nothing later resolves a (multi-GB) build of its own choosing
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install blissctl with its test tools (TORCH=... to choose a build)
+
+test: $(STAMP) ## run the fast CPU test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP) ## run the slow tests too
+	$(BIN)/python -m pytest -q -m ''
+
+demo: $(STAMP) ## run blissctl on the embedded sample with the defaults
+	$(BIN)/blissctl demo
+
+bench: $(STAMP) ## run the benchmarks in bench/ and print their figures
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	$(BIN)/python bench/run_all.py
+
+lint: $(STAMP) ## ruff over the tree
+	$(BIN)/ruff check blissctl engine tui tests bench
+
+clean: ## remove the environment and caches (runs/ is kept)
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,3 @@
+from blissctl.cli import main
+
+main()

@@ -1,0 +1,44 @@
+"""What every command shares: turning library errors into one line, and parsing common flag shapes.
+
+Library errors become CLI errors here, in one place (sqlite-utils style): a ``UserError`` prints one
+line on stderr and exits with status 2; Ctrl-C prints where to resume and exits with 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from engine.errors import UserError
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(highlight=False)
+
+F = TypeVar("F", bound=Callable)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def handles_user_errors(command: F) -> F:
+    """Decorate a command so that ``UserError`` is one line and Ctrl-C is a clean exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            fail(str(error))
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: what was written is kept; run again with --resume")
+            sys.stderr.flush()
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]

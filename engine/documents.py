@@ -1,0 +1,247 @@
+"""Reading documents: C4's ``*.json.gz``, zstd ``*.jsonl.zst`` and plain ``*.jsonl``.
+
+A document is identified by (shard, line): the shard's position in the sorted input list and the
+0-based physical line number inside the decompressed file, blank and bad lines included, so an id never
+depends on worker count, file order on the command line or a resume.
+
+Bad records are skipped and counted (``SkipCounts``), never fatal. A truncated or corrupt compressed
+file raises ``CorruptInputError`` naming the file and the line reached.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zstandard
+
+from engine.errors import CorruptInputError, UserError
+
+SUPPORTED_SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl.zst", ".json.zst", ".jsonl", ".json")
+READ_CHUNK = 1 << 20  # compressed bytes read at a time: large enough to amortise Python overhead
+
+
+def is_supported(path: Path) -> bool:
+    return path.name.endswith(SUPPORTED_SUFFIXES)
+
+
+def discover_shards(specs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files, folders and globs into a sorted, de-duplicated list of input shards."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    found: set[Path] = set()
+    for spec in specs:
+        text = os.fspath(spec)
+        path = Path(text)
+        if path.is_dir():
+            matches = [p for p in path.rglob("*") if p.is_file() and is_supported(p)]
+            if not matches:
+                raise UserError(f"no .json.gz, .jsonl.zst or .jsonl files in folder {text}")
+        elif path.is_file():
+            if not is_supported(path):
+                raise UserError(f"{text}: unsupported file type (expected .json.gz, .jsonl.zst or .jsonl)")
+            matches = [path]
+        elif glob.has_magic(text):
+            matches = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
+            matches = [p for p in matches if is_supported(p)]
+            if not matches:
+                raise UserError(f"no input files match {text}")
+        else:
+            raise UserError(f"input not found: {text}")
+        found.update(p.resolve() for p in matches)
+    return sorted(found)
+
+
+def shard_labels(paths: Sequence[Path]) -> list[str]:
+    """Stable, unique names for shards: the path relative to the inputs' common folder.
+
+    Used to name per-shard outputs and to seed per-document hashes, so they must not depend on where the
+    corpus is mounted.
+    """
+    if not paths:
+        return []
+    if len(paths) == 1:
+        return [paths[0].name]
+    common = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    return [p.relative_to(common).as_posix() for p in paths]
+
+
+@dataclass
+class SkipCounts:
+    """Lines that did not become documents, by reason."""
+
+    malformed_json: int = 0
+    missing_text: int = 0
+    """The object has no ``text`` field, or it is not a string (or the line is not an object)."""
+    bad_utf8: int = 0
+    empty_text: int = 0
+    blank_lines: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def add(self, other: SkipCounts) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int]) -> SkipCounts:
+        return cls(**{f.name: int(data.get(f.name, 0)) for f in fields(cls)})
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            yield chunk
+
+
+def _zstd_stream(path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of every frame of a zstd file; ends with an error if the last frame is cut."""
+    decompressor = zstandard.ZstdDecompressor()
+    dobj = decompressor.decompressobj()
+    started = False
+    for chunk in _chunks(path):
+        while chunk:
+            started = True
+            out = dobj.decompress(chunk)
+            if out:
+                yield out
+            if dobj.eof:  # frame finished: the rest of the chunk starts the next frame
+                chunk = dobj.unused_data
+                dobj = decompressor.decompressobj()
+                started = False
+            else:
+                chunk = b""
+    if started and not dobj.eof:
+        raise EOFError("zstd stream ends inside a frame (truncated file)")
+
+
+def _gzip_stream(path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of every member of a gzip file (C4's ``*.json.gz``)."""
+    dobj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    started = False
+    for chunk in _chunks(path):
+        while chunk:
+            started = True
+            out = dobj.decompress(chunk)
+            if out:
+                yield out
+            if dobj.eof:
+                chunk = dobj.unused_data
+                dobj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                started = False
+            else:
+                chunk = b""
+    if started and not dobj.eof:
+        raise EOFError("gzip stream ends inside a member (truncated file)")
+
+
+def decompressed_stream(path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of ``path`` in chunks, chosen by file name."""
+    name = path.name
+    if name.endswith(".zst"):
+        return _zstd_stream(path)
+    if name.endswith(".gz"):
+        return _gzip_stream(path)
+    return _chunks(path)
+
+
+def iter_raw_lines(path: Path) -> Iterator[bytes]:
+    """Every physical line of ``path`` (decompressed, without the newline), blank ones included.
+
+    Raises ``CorruptInputError`` with the number of complete lines read when the file is truncated or
+    corrupt; everything yielded before that is valid.
+    """
+    line_no = 0
+    rest = b""
+    try:
+        for block in decompressed_stream(path):
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            line_no += len(lines)
+            yield from lines
+    except (EOFError, zlib.error, zstandard.ZstdError, OSError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise UserError(f"input not found: {path}") from None
+        raise CorruptInputError(path, line_no, _describe(error)) from None
+    if rest:
+        yield rest
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, zstandard.ZstdError):
+        return f"corrupt zstd data: {text}"
+    if isinstance(error, zlib.error):
+        return f"corrupt gzip data: {text}"
+    return text
+
+
+def parse_document(raw: bytes, skips: SkipCounts) -> tuple[dict[str, Any], str] | None:
+    """The JSON object and its ``text``, or ``None`` after counting why the line was skipped."""
+    if not raw.strip():
+        skips.blank_lines += 1
+        return None
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        # orjson rejects invalid UTF-8 and lone surrogates with the same exception type as bad syntax.
+        try:
+            raw.decode("utf-8")
+            bad_encoding = "surrogate" in str(error)
+        except UnicodeDecodeError:
+            bad_encoding = True
+        if bad_encoding:
+            skips.bad_utf8 += 1
+        else:
+            skips.malformed_json += 1
+        return None
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        skips.missing_text += 1
+        return None
+    if not text.strip():
+        skips.empty_text += 1
+        return None
+    return record, text
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One input document: where it is, its text and the whole record (every field, untouched)."""
+
+    path: Path
+    line: int
+    text: str
+    record: dict[str, Any] = field(repr=False)
+
+
+def read_documents(paths: Iterable[Path], skips: SkipCounts | None = None) -> Iterator[Document]:
+    """Stream the documents of every shard in ``paths``, counting skipped lines into ``skips``."""
+    skips = skips if skips is not None else SkipCounts()
+    for path in paths:
+        for line, raw in enumerate(iter_raw_lines(Path(path))):
+            parsed = parse_document(raw, skips)
+            if parsed is not None:
+                record, text = parsed
+                yield Document(path=Path(path), line=line, text=text, record=record)
+
+
+def read_texts(specs: str | os.PathLike | Sequence[str | os.PathLike], limit: int | None = None) -> list[str]:
+    """The texts of the documents in ``specs`` (files, folders or globs), at most ``limit`` of them."""
+    texts: list[str] = []
+    for doc in read_documents(discover_shards(specs)):
+        texts.append(doc.text)
+        if limit is not None and len(texts) >= limit:
+            break
+    return texts

@@ -1,0 +1,17 @@
+"""The embedded sample shipped inside the package: the default input, so the demo runs offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SAMPLE_DIR = Path(__file__).parent / "sample"
+
+
+def sample_pool_glob() -> str:
+    """Glob of the 4 embedded pool shards (9,600 C4-style documents of mixed quality)."""
+    return str(SAMPLE_DIR / "c4-sample.*.jsonl.zst")
+
+
+def sample_val_path() -> Path:
+    """300 held-out narrative passages: the default validation target."""
+    return SAMPLE_DIR / "val-narrative.jsonl.zst"

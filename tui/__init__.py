@@ -1,0 +1,1 @@
+"""The Textual dashboard: reads run directories only, never imports training code."""
