@@ -28,7 +28,7 @@ test-slow: $(STAMP) ## run the slow tests too
 	$(BIN)/python -m pytest -q -m ''
 
 demo: $(STAMP) ## run blissctl on the embedded sample with the defaults
-	$(BIN)/blissctl demo
+	$(BIN)/blissctl select --run demo-random --force
 
 bench: $(STAMP) ## run the benchmarks in bench/ and print their figures
 	$(BIN)/pip install --quiet -e ".[test,bench]"

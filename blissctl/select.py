@@ -1,7 +1,170 @@
-"""PLACEHOLDER: being written now; replaced before it lands."""
+"""Score every document of a pool and keep the best under a budget.
 
-from blissctl.common import fail
+Streams compressed JSONL shards (C4's *.json.gz, *.jsonl.zst, *.jsonl) through a scorer, keeps the best documents under the budget exactly (bounded top-k, ties broken by document id) and writes them, byte for byte, to runs/NAME/selected/ with a manifest and a report. With no --input it selects from the embedded sample. Also runs under torchrun, each rank scoring its own shards.
+
+Example: blissctl select --input 'c4/en/c4-train.*.json.gz' --budget 30% --run c4-random
+
+Example: blissctl select --input pool/ --budget 2M --scorer bliss --scorer-run my-scorer --run c4-bliss
+
+Example: torchrun --nproc-per-node 8 -m blissctl select --input pool/ --budget 20% --name big
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from blissctl.common import console, err_console, fail, handles_user_errors
 
 
-def select_command() -> None:
-    fail("not built yet")
+def _default_run_name(scorer: str, budget: str) -> str:
+    return f"{scorer}-" + budget.strip().replace("%", "pct").replace(".", "_")
+
+
+@handles_user_errors
+def select_command(
+    input: Annotated[
+        list[str] | None,
+        typer.Option("--input", "-i", metavar="PATH", help="File, folder or glob of input shards (repeatable). Default: the embedded sample."),
+    ] = None,
+    budget: Annotated[str, typer.Option(help="Share of the pool (30%) or an amount (2M, 500k, 10000) in --unit.")] = "30%",
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run", "--name",
+            help="Run name: outputs go to RUNS_DIR/NAME/. Default: SCORER-BUDGET. Under torchrun write --name "
+            "(torchrun's own parser takes --run for its --run-path).",
+        ),
+    ] = None,
+    scorer: Annotated[str, typer.Option(help="random (seeded control arm) or bliss (a trained score model).")] = "random",
+    scorer_run: Annotated[
+        str | None, typer.Option(help="For --scorer bliss: a train-scorer run name, or a checkpoint path.")
+    ] = None,
+    unit: Annotated[str, typer.Option(help="What the budget counts: tokens or docs.")] = "tokens",
+    temperature: Annotated[float, typer.Option(help="Gumbel-top-k temperature; 0 keeps the top scores exactly.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the random scorer and of the Gumbel noise.")] = 0,
+    workers: Annotated[int, typer.Option(help="Reader processes (decompress, parse, tokenise); 0: none.")] = 2,
+    seq_len: Annotated[int, typer.Option(help="Tokens of each document the scorer sees.")] = 512,
+    chunks: Annotated[int, typer.Option(help="bliss: average the scores of up to N seq-len chunks.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Documents per score-model forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="Where the score model runs: cpu or cuda.")] = "cpu",
+    tokenizer: Annotated[
+        str | None, typer.Option(help="tokenizer.json path or hub id. Default: train a BPE on the input.")
+    ] = None,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary of the default trained tokenizer.")] = 8192,
+    exact_token_counts: Annotated[
+        bool, typer.Option(help="Tokenise whole documents for exact token counts (slower).")
+    ] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run; scored shards are reused.")] = False,
+    force: Annotated[bool, typer.Option(help="Discard an earlier selection of this run and start again.")] = False,
+    runs_dir: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("runs"),
+) -> None:
+    from engine.distributed import init_ranks
+    from engine.run_dir import RunDir
+    from engine.select import STAGE, SelectConfig, run_select
+
+    if resume and force:
+        fail("--resume and --force contradict each other: choose one")
+    config = SelectConfig(
+        inputs=tuple(input or ()), budget=budget, unit=unit, scorer=scorer, scorer_run=scorer_run, device=device,
+        seq_len=seq_len, chunks=chunks, batch_size=batch_size, temperature=temperature, seed=seed, workers=workers,
+        tokenizer=tokenizer, vocab_size=vocab_size, exact_token_counts=exact_token_counts, resume=resume,
+        runs_dir=str(runs_dir),
+    )
+    run_dir = RunDir.named(run or _default_run_name(scorer, budget), runs_dir)
+    ranks = init_ranks(device)
+    if force and ranks.is_main:
+        _discard_selection(run_dir, STAGE)
+
+    if not ranks.is_main:  # under torchrun only rank 0 talks to the terminal
+        run_select(config, run_dir)
+        return
+    with _SelectDisplay() as display:
+        manifest = run_select(config, run_dir, progress=display.update)
+    print_summary(manifest, run_dir.root)
+
+
+def _discard_selection(run_dir, stage: str) -> None:
+    from engine.run_dir import atomic_write_json
+
+    for folder in (run_dir.scores, run_dir.selected, run_dir.report):
+        shutil.rmtree(folder, ignore_errors=True)
+    data = run_dir.read_config()
+    if stage in data:
+        del data[stage]
+        atomic_write_json(run_dir.config_path, data)
+
+
+class _SelectDisplay:
+    """A rich progress bar for scoring (bytes of input), then a line for each later phase."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<9}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[rates]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+        )
+        self.task = None
+        self.phase = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+    def update(self, update) -> None:
+        if self.task is None:
+            self.progress.start()  # only once there is something to show: errors stay one clean line
+        if update.phase != self.phase:
+            self.phase = update.phase
+            if self.task is not None:
+                self.progress.update(self.task, completed=self.progress.tasks[self.task].total or 1)
+            if update.phase == "done":
+                return
+            self.task = self.progress.add_task(update.phase, total=update.total or 1, rates="")
+        if update.phase == "scoring":
+            rates = (
+                f"{update.docs_seen:,} docs  {update.docs_per_s:,.0f} docs/s  {update.mb_per_s:.1f} MB/s"
+                f"  {update.tokens_per_s / 1e6:.2f} M tok/s  skipped {update.skipped:,}"
+            )
+            self.progress.update(self.task, completed=update.completed, total=update.total or 1, rates=rates)
+        elif update.total:
+            self.progress.update(self.task, completed=update.completed, total=update.total)
+
+
+def print_summary(manifest: dict, root: Path) -> None:
+    from rich.table import Table
+
+    docs, tokens = manifest["documents"], manifest["tokens"]
+    table = Table(title=f"selection {manifest['run']}", show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("seen", justify="right")
+    table.add_column("kept", justify="right")
+    table.add_column("share", justify="right")
+    table.add_row("documents", f"{docs['seen']:,}", f"{docs['kept']:,}", _pct(docs["kept"], docs["seen"]))
+    table.add_row("tokens", f"{tokens['seen']:,}", f"{tokens['kept']:,}", _pct(tokens["kept"], tokens["seen"]))
+    console.print(table)
+    skipped = manifest["skipped"]
+    reasons = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in skipped.items() if k != "total" and v)
+    console.print(f"skipped lines: {skipped['total']:,}" + (f" ({reasons})" if reasons else ""))
+    if manifest["score_threshold"] is not None:
+        console.print(f"lowest kept score: {manifest['score_threshold']:.6g}")
+    if manifest["budget"]["keeps_everything"]:
+        console.print("[yellow]the budget covers the whole pool: every document is kept[/]")
+    console.print(f"subset: {root / 'selected'}  report: {root / 'report' / 'select.md'}")
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"

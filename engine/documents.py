@@ -99,18 +99,29 @@ class SkipCounts:
         return cls(**{f.name: int(data.get(f.name, 0)) for f in fields(cls)})
 
 
-def _chunks(path: Path) -> Iterator[bytes]:
+class ReadPosition:
+    """How many bytes of the file as stored (compressed) have been consumed: for progress and MB/s."""
+
+    __slots__ = ("stored_bytes",)
+
+    def __init__(self) -> None:
+        self.stored_bytes = 0
+
+
+def _chunks(path: Path, position: ReadPosition | None = None) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(READ_CHUNK):
+            if position is not None:
+                position.stored_bytes += len(chunk)
             yield chunk
 
 
-def _zstd_stream(path: Path) -> Iterator[bytes]:
+def _zstd_stream(path: Path, position: ReadPosition | None) -> Iterator[bytes]:
     """Decompressed bytes of every frame of a zstd file; ends with an error if the last frame is cut."""
     decompressor = zstandard.ZstdDecompressor()
     dobj = decompressor.decompressobj()
     started = False
-    for chunk in _chunks(path):
+    for chunk in _chunks(path, position):
         while chunk:
             started = True
             out = dobj.decompress(chunk)
@@ -126,11 +137,11 @@ def _zstd_stream(path: Path) -> Iterator[bytes]:
         raise EOFError("zstd stream ends inside a frame (truncated file)")
 
 
-def _gzip_stream(path: Path) -> Iterator[bytes]:
+def _gzip_stream(path: Path, position: ReadPosition | None) -> Iterator[bytes]:
     """Decompressed bytes of every member of a gzip file (C4's ``*.json.gz``)."""
     dobj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     started = False
-    for chunk in _chunks(path):
+    for chunk in _chunks(path, position):
         while chunk:
             started = True
             out = dobj.decompress(chunk)
@@ -146,17 +157,17 @@ def _gzip_stream(path: Path) -> Iterator[bytes]:
         raise EOFError("gzip stream ends inside a member (truncated file)")
 
 
-def decompressed_stream(path: Path) -> Iterator[bytes]:
+def decompressed_stream(path: Path, position: ReadPosition | None = None) -> Iterator[bytes]:
     """Decompressed bytes of ``path`` in chunks, chosen by file name."""
     name = path.name
     if name.endswith(".zst"):
-        return _zstd_stream(path)
+        return _zstd_stream(path, position)
     if name.endswith(".gz"):
-        return _gzip_stream(path)
-    return _chunks(path)
+        return _gzip_stream(path, position)
+    return _chunks(path, position)
 
 
-def iter_raw_lines(path: Path) -> Iterator[bytes]:
+def iter_raw_lines(path: Path, position: ReadPosition | None = None) -> Iterator[bytes]:
     """Every physical line of ``path`` (decompressed, without the newline), blank ones included.
 
     Raises ``CorruptInputError`` with the number of complete lines read when the file is truncated or
@@ -165,7 +176,7 @@ def iter_raw_lines(path: Path) -> Iterator[bytes]:
     line_no = 0
     rest = b""
     try:
-        for block in decompressed_stream(path):
+        for block in decompressed_stream(path, position):
             lines = (rest + block).split(b"\n")
             rest = lines.pop()
             line_no += len(lines)
