@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.documents import ReadPosition, SkipCounts, iter_raw_lines, parse_document
-from engine.errors import CorruptInputError, UserError
+from engine.documents import ReadTally, SkipCounts, iter_text_records
+from engine.errors import UserError
 
 CHARS_PER_TOKEN_CAP = 6
 """Characters of prefix tokenised per wanted token. Web text averages ~4.3 characters a token with a
@@ -120,17 +120,15 @@ def count_and_truncate(tokenizer, texts: list[str], spec: TokenizeSpec) -> tuple
 def process_shard(job: ShardJob, spec: TokenizeSpec, tokenizer) -> Iterator[DocBatch | ShardDone | ShardFailed]:
     """Read, parse and tokenise one shard; yields batches, then ``ShardDone`` (or ``ShardFailed``)."""
     skips = SkipCounts()
-    position = ReadPosition()
-    reported_stored = 0
+    tally = ReadTally()
+    reported_stored = reported_bytes = 0
     sources: dict[str, int] = {"": 0}
     lines: list[int] = []
     texts: list[str] = []
     codes: list[int] = []
-    text_bytes = 0
-    n_lines = 0
 
     def flush() -> DocBatch:
-        nonlocal reported_stored, text_bytes
+        nonlocal reported_stored, reported_bytes
         ids, counts, n_estimated = count_and_truncate(tokenizer, texts, spec)
         batch = DocBatch(
             shard_index=job.index,
@@ -138,28 +136,20 @@ def process_shard(job: ShardJob, spec: TokenizeSpec, tokenizer) -> Iterator[DocB
             n_tokens=counts,
             n_estimated=n_estimated,
             source_codes=np.asarray(codes, np.uint16),
-            text_bytes=text_bytes,
-            stored_bytes=position.stored_bytes - reported_stored,
+            text_bytes=tally.line_bytes - reported_bytes,
+            stored_bytes=tally.position.stored_bytes - reported_stored,
         )
         if spec.ship_tokens:
             offsets = np.zeros(len(ids) + 1, np.int64)
             np.cumsum([len(i) for i in ids], out=offsets[1:])
             flat = np.fromiter((t for doc in ids for t in doc), np.int32, int(offsets[-1]))
             batch.token_ids, batch.offsets = flat, offsets
-        reported_stored = position.stored_bytes
+        reported_stored, reported_bytes = tally.position.stored_bytes, tally.line_bytes
         lines.clear(), texts.clear(), codes.clear()
-        text_bytes = 0
         return batch
 
     try:
-        for line, raw in enumerate(iter_raw_lines(Path(job.path), position)):
-            n_lines = line + 1
-            parsed = parse_document(raw, skips)
-            if parsed is None:
-                continue
-            record, text = parsed
-            source = record.get("source")
-            source = source if isinstance(source, str) else ""
+        for line, text, source in iter_text_records(Path(job.path), skips, tally):
             code = sources.get(source)
             if code is None:
                 code = len(sources) if len(sources) < MAX_SOURCES_PER_SHARD else sources.setdefault(OTHER_SOURCE, len(sources))
@@ -167,22 +157,18 @@ def process_shard(job: ShardJob, spec: TokenizeSpec, tokenizer) -> Iterator[DocB
             lines.append(line)
             texts.append(text)
             codes.append(code)
-            text_bytes += len(raw)
             if len(texts) >= spec.batch_docs:
                 yield flush()
         if texts:
             yield flush()
-    except CorruptInputError as error:
-        yield ShardFailed(job.index, str(error))
-        return
-    except UserError as error:
+    except UserError as error:  # CorruptInputError included: named file and line reached
         yield ShardFailed(job.index, str(error))
         return
     yield ShardDone(
         shard_index=job.index,
-        n_lines=n_lines,
+        n_lines=tally.lines,
         skips=skips.as_dict(),
-        stored_bytes=position.stored_bytes - reported_stored,
+        stored_bytes=tally.position.stored_bytes - reported_stored,
         source_names=list(sources),
     )
 

@@ -324,18 +324,28 @@ def _run(config, run_dir, ranks: Ranks, shards, labels, scorer, events, report, 
     )
 
     # 1. Score every shard of this rank that has no valid score file yet.
-    loaded: dict[int, ShardScores] = {}
+    # Only a few figures per shard stay in memory; score arrays are read back one shard at a time, so
+    # memory follows the kept set, not the pool.
+    summaries: dict[int, tuple[int, int, int]] = {}  # shard -> (lines, documents, tokens)
+    histogram = np.zeros(HISTOGRAM_EDGES.size - 1, np.int64)
     for index in mine:
         cached = load_shard_scores(score_file(run_dir, labels[index]))
         if cached is not None and cached.scorer == scorer.describe() and cached.label == labels[index]:
-            loaded[index] = cached
-    if loaded and ranks.is_main:
-        events.emit("resumed", shards_reused=len(loaded))
-    todo = [ShardJob(i, str(shards[i]), labels[i]) for i in mine if i not in loaded]
-    _score_shards(config, run_dir, ranks, todo, scorer, events, report, on_shard_scored, loaded)
+            summaries[index] = (cached.n_lines, cached.docs, cached.token_total)
+            histogram += np.histogram(np.clip(cached.scores, 0, 1), HISTOGRAM_EDGES)[0]
+    if summaries and ranks.is_main:
+        events.emit("resumed", shards_reused=len(summaries))
+    todo = [ShardJob(i, str(shards[i]), labels[i]) for i in mine if i not in summaries]
+    _score_shards(config, run_dir, todo, scorer, events, report, on_shard_scored, summaries, histogram)
+
+    def shard_scores(index: int) -> ShardScores:
+        shard = load_shard_scores(score_file(run_dir, labels[index]))
+        if shard is None:
+            raise UserError(f"score file of {labels[index]} vanished from {run_dir.scores} during the run")
+        return shard
 
     # 2. Totals over all ranks; then the global budget.
-    local = {i: (loaded[i].n_lines, loaded[i].docs, loaded[i].token_total) for i in mine}
+    local = {i: summaries[i] for i in mine}
     totals: dict[int, tuple[int, int, int]] = {}
     for part in all_gather(ranks, local):
         totals.update(part)
@@ -357,7 +367,7 @@ def _run(config, run_dir, ranks: Ranks, shards, labels, scorer, events, report, 
     report(SelectProgress("selecting"))
     topk = TopKByWeight(budget_amount)
     for index in mine:
-        topk.push(*_keys_and_weights(loaded[index], index, shard_base, config))
+        topk.push(*_keys_and_weights(shard_scores(index), index, shard_base, config))
     states = all_gather(ranks, topk.state())
     cutoff = None
     if ranks.is_main:
@@ -371,7 +381,7 @@ def _run(config, run_dir, ranks: Ranks, shards, labels, scorer, events, report, 
     report(SelectProgress("writing", 0, len(mine)))
     jobs, stats = [], {}
     for index in mine:
-        shard = loaded[index]
+        shard = shard_scores(index)
         keys, _ = _keys_and_weights(shard, index, shard_base, config)
         kept = np.ones(keys.size, bool) if cutoff is None else keys < np.uint64(cutoff)
         stats[index] = _shard_stats(shard, kept, config)
@@ -416,7 +426,7 @@ def _keys_and_weights(shard: ShardScores, index: int, shard_base: np.ndarray, co
     return keys, weights
 
 
-def _score_shards(config, run_dir, ranks, todo, scorer, events, report, on_shard_scored, loaded) -> None:
+def _score_shards(config, run_dir, todo, scorer, events, report, on_shard_scored, summaries, histogram) -> None:
     spec = TokenizeSpec(
         tokenizer_path=str(run_dir.tokenizer_path),
         max_tokens=scorer.max_tokens,
@@ -425,13 +435,10 @@ def _score_shards(config, run_dir, ranks, todo, scorer, events, report, on_shard
     )
     total_stored = float(sum(Path(job.path).stat().st_size for job in todo)) or 1.0
     rates = _Rates()
-    histogram = np.zeros(HISTOGRAM_EDGES.size - 1, np.int64)
-    for shard in loaded.values():
-        histogram += np.histogram(np.clip(shard.scores, 0, 1), HISTOGRAM_EDGES)[0]
     parts: dict[int, dict[str, list]] = {}
     jobs = {job.index: job for job in todo}
-    shards_done = len(loaded)
-    shards_total = len(todo) + len(loaded)
+    shards_done = len(summaries)
+    shards_total = len(todo) + len(summaries)
     last_progress = last_histogram = time.perf_counter()
 
     def emit_progress() -> None:
@@ -476,7 +483,8 @@ def _score_shards(config, run_dir, ranks, todo, scorer, events, report, on_shard
                     n_estimated=part["est"], scorer=scorer.describe(),
                 )
                 save_shard_scores(score_file(run_dir, job.label), shard)
-                loaded[message.shard_index] = shard
+                summaries[message.shard_index] = (shard.n_lines, shard.docs, shard.token_total)
+                del shard
                 rates.stored_bytes += message.stored_bytes
                 rates.skipped += sum(message.skips.values())
                 shards_done += 1

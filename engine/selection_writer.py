@@ -71,7 +71,7 @@ def _ignore_sigint() -> None:
 
 def write_selected_shards(jobs: list[WriteJob], workers: int) -> list[int]:
     """Write every job, in ``workers`` processes (0: here); results in job order."""
-    if workers <= 0 or len(jobs) <= 1:
+    if workers <= 0 or not jobs:
         return [write_selected_shard(job) for job in jobs]
     context = mp.get_context("spawn")
     with context.Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:

@@ -112,3 +112,22 @@ def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .json.gz"):
         discover_shards(str(tmp_path / "empty"))
+
+
+def test_select_reader_agrees_with_read_documents(tmp_path):
+    """select's reader must see the same documents, lines, sources and skips as read_documents."""
+    from engine.documents import ReadTally, iter_text_records
+
+    good = [orjson.dumps(r) for r in make_records(2000, seed=4)]
+    bad = [b'{"text": broken', b"", b'{"text": 1}', b'{"text": "\xff"}', b"   ", b'{"text": "x", "source": 5}',
+           b'{"text": "lone \\udc00"}', b'{"text": ""}']
+    lines = good[:700] + bad + good[700:]
+    for name in ("mixed.jsonl.zst", "mixed.json.gz", "mixed.jsonl"):
+        path = write_shard(tmp_path / name, lines, frames=4)
+        slow_skips, fast_skips, tally = SkipCounts(), SkipCounts(), ReadTally()
+        slow = [(d.line, d.text, d.record.get("source") if isinstance(d.record.get("source"), str) else "")
+                for d in read_documents([path], slow_skips)]
+        fast = list(iter_text_records(path, fast_skips, tally))
+        assert fast == slow
+        assert fast_skips == slow_skips and fast_skips.total == len(bad) - 1  # a non-string source is no reason to skip
+        assert tally.lines == len(lines)
