@@ -1,0 +1,222 @@
+"""Rich renderables made from a ``RunState``: shared by the Textual widgets and ``--once``."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from tui.state import PRETRAIN_CURVES, SCORER_CURVES, Histogram, RunState, StageState
+
+STATUS_STYLE = {
+    "running": "bold cyan",
+    "done": "bold green",
+    "error": "bold red",
+    "interrupted": "bold yellow",
+    "stopped": "bold yellow",
+    "waiting": "dim",
+}
+STATUS_GLYPH = {"running": "●", "done": "✔", "error": "✖", "interrupted": "‖", "stopped": "‖", "waiting": "…"}
+
+STAGE_FIGURES = {
+    # The figures worth a glance for each known stage, in order; unknown stages show what they have.
+    "select": ("docs_seen", "docs_kept", "tokens_kept", "skipped", "threshold", "scorer", "budget"),
+    "train-scorer": ("loss_lower", "loss_upper", "hypergrad_norm", "weight_entropy", "loss"),
+    "pretrain": ("loss", "loss_val", "lr", "mfu", "tokens_seen"),
+    "eval": ("loss_val", "perplexity", "bits_per_byte"),
+}
+PROGRESS_FIELDS = {"fraction", "step", "total_steps", "elapsed_s", "shards_done", "shards_total"}
+
+
+def human_number(value: float | None) -> str:
+    """``5300 -> 5.3k``, ``1.4e6 -> 1.4M``, ``2.504 -> 2.5``: short enough for a table cell."""
+    if value is None:
+        return "—"
+    magnitude = abs(value)
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if magnitude >= scale:
+            scaled = value / scale
+            return f"{scaled:.1f}{suffix}" if abs(scaled) < 100 else f"{scaled:.0f}{suffix}"
+    if magnitude >= 100 or value == int(value):
+        return f"{value:.0f}"
+    if magnitude >= 0.01:
+        return f"{value:.3g}"
+    return f"{value:.2e}"
+
+
+def human_figure(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return human_number(float(value))
+    return str(value)
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def status_text(status: str) -> Text:
+    return Text(f"{STATUS_GLYPH.get(status, '?')} {status}", style=STATUS_STYLE.get(status, ""))
+
+
+def stage_figures(stage: StageState, limit: int = 4) -> str:
+    names = STAGE_FIGURES.get(stage.name)
+    if names is None:
+        names = tuple(name for name in stage.figures if name not in PROGRESS_FIELDS)
+    shown = [f"{name} {human_figure(stage.figures[name])}" for name in names if name in stage.figures]
+    return "  ".join(shown[:limit])
+
+
+def stages_table(run: RunState, bar_width: int = 24, wide: bool = True) -> Table:
+    """One row per stage. ``wide`` (the live view) adds steps and the stage's latest figures."""
+    table = Table(
+        expand=wide, box=None, padding=(0, 1), collapse_padding=True, pad_edge=False, header_style="bold"
+    )
+    table.add_column("stage", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("progress", no_wrap=True)
+    table.add_column("rate", justify="right", no_wrap=True)
+    table.add_column("ETA", justify="right", no_wrap=True)
+    table.add_column("elapsed", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("last figures", ratio=1, overflow="ellipsis", no_wrap=True)
+    if not run.stages:
+        where = run.path / "events.jsonl" if run.path is not None else "events.jsonl"
+        waiting = f"waiting for {where}" if not run.exists else "waiting for the first event"
+        table.add_row(Text(waiting, style="dim"))
+        return table
+    for stage in run.stages.values():
+        progress: RenderableType
+        if stage.fraction is None:
+            progress = Text(stage.last_kind, style="dim")
+        else:
+            progress = Table.grid(padding=(0, 1))
+            cells: list[RenderableType] = [
+                ProgressBar(total=1.0, completed=stage.fraction, width=bar_width),
+                Text(f"{100 * stage.fraction:5.1f}%"),
+            ]
+            if wide and stage.step is not None and stage.total_steps:
+                cells.append(Text(step_count(stage), style="dim"))
+            progress.add_row(*cells)
+        rate = f"{human_number(stage.rate)} {stage.rate_unit}" if stage.rate is not None else "—"
+        eta = "—" if stage.finished else human_duration(stage.eta_s)
+        name = Text(stage.name, style="bold")
+        if stage.phase:
+            name.append(f" ({stage.phase})", style="dim")
+        row: list[RenderableType] = [
+            name,
+            status_text(stage.status),
+            progress,
+            rate,
+            eta,
+            human_duration(stage.elapsed_s),
+        ]
+        if wide:
+            figures = stage.message if stage.message else stage_figures(stage)
+            row.append(Text(figures, style="red" if stage.message else ""))
+        table.add_row(*row)
+    return table
+
+
+def step_count(stage: StageState) -> str:
+    if stage.step is None or not stage.total_steps:
+        return ""
+    return f"{stage.step:.0f}/{stage.total_steps:.0f}"
+
+
+def run_footer(run: RunState, now: float | None = None) -> Text:
+    """One line: how fresh the data is and what was skipped, so a stalled run does not look alive."""
+    now = time.time() if now is None else now
+    parts = [f"{run.events} events"]
+    if run.last_ts is not None:
+        parts.append(f"last {human_duration(now - run.last_ts)} ago")
+    if run.bad_lines:
+        parts.append(f"{run.bad_lines} unreadable lines skipped")
+    if run.restarts:
+        parts.append(f"file restarted {run.restarts}×")
+    return Text(" · ".join(parts), style="dim")
+
+
+def text_histogram(histogram: Histogram, rows: int = 10, width: int = 32) -> Table:
+    """The score distribution as horizontal bars, bins merged to ``rows``; kept bins green."""
+    groups = max(1, -(-len(histogram.counts) // rows))
+    merged: list[tuple[float, float, float]] = []
+    for start in range(0, len(histogram.counts), groups):
+        end = min(start + groups, len(histogram.counts))
+        merged.append((histogram.edges[start], histogram.edges[end], sum(histogram.counts[start:end])))
+    peak = max((count for _, _, count in merged), default=0) or 1
+    threshold = histogram.threshold
+    table = Table(box=None, padding=(0, 1), show_header=False)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(no_wrap=True)
+    for low, high, count in merged:
+        kept = threshold is not None and low >= threshold
+        bar = Text("█" * max(0, round(width * count / peak)), style="green" if kept else "blue")
+        marker = ""
+        if threshold is not None and low <= threshold < high:
+            marker = f"◀ {threshold:.3g}"
+        table.add_row(f"{low:.2f}–{high:.2f}", bar, human_number(count), Text(marker, style="bold red"))
+    return table
+
+
+def histogram_caption(histogram: Histogram) -> str:
+    caption = f"{human_number(histogram.total)} {'documents' if histogram.stage == 'select' else 'scores'}"
+    if histogram.threshold is not None:
+        kept = histogram.fraction_above(histogram.threshold)
+        caption += f" · threshold {histogram.threshold:.3g} keeps ≈{100 * kept:.0f}%"
+    else:
+        caption += " · threshold not known yet"
+    return caption
+
+
+def run_summary(run: RunState, now: float | None = None) -> Panel:
+    """Everything ``--once`` prints about one run."""
+    parts: list[RenderableType] = [stages_table(run, bar_width=12, wide=False)]
+
+    figures = Table(box=None, padding=(0, 1), show_header=False)
+    figures.add_column(style="bold", no_wrap=True)
+    figures.add_column()
+    for stage in run.stages.values():
+        steps = f"step {step_count(stage)}  " if step_count(stage) else ""
+        shown = stage.message or steps + stage_figures(stage, limit=8)
+        if shown:
+            figures.add_row(stage.name, Text(shown, style="red" if stage.message else ""))
+    for label in (*SCORER_CURVES, *PRETRAIN_CURVES):
+        last = run.curves[label].last
+        if last is not None:
+            figures.add_row(label, f"{human_number(last[1])} at step {last[0]:.0f}")
+    for throughput in run.throughput.values():
+        if throughput.current is not None:
+            figures.add_row(throughput.label, f"{human_number(throughput.current)} ({throughput.stage})")
+    for key, value in run.evaluation.items():
+        figures.add_row(f"eval {key}", human_number(value))
+    if figures.row_count:
+        parts += [Text(""), figures]
+
+    histogram = run.histogram()
+    if histogram is not None:
+        title = Text(f"score distribution ({histogram.stage}) · {histogram_caption(histogram)}", style="bold")
+        parts += [Text(""), title, text_histogram(histogram)]
+    for stage, message in run.errors:
+        parts.append(Text(f"{stage}: {message}", style="bold red"))
+    parts += [Text(""), run_footer(run, now)]
+    title = Text.assemble(Text(run.name, style="bold"), " ", status_text(run.status))
+    return Panel(Group(*parts), title=title, title_align="left", subtitle=str(run.path or ""))

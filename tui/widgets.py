@@ -1,0 +1,212 @@
+"""The dashboard's widgets: each one renders part of a ``RunState`` and holds no state of its own."""
+
+from __future__ import annotations
+
+import math
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Label, OptionList, Sparkline, Static
+from textual_plotext import PlotextPlot
+
+from tui.render import (
+    STATUS_GLYPH,
+    STATUS_STYLE,
+    histogram_caption,
+    human_number,
+    run_footer,
+    stages_table,
+)
+from tui.state import THROUGHPUT, RunState
+
+CURVE_COLORS = {
+    "scorer upper (val)": "orange",
+    "scorer lower": "cyan",
+    "scorer warm-up": "gray",
+    "pretrain loss": "cyan",
+    "pretrain val loss": "orange",
+}
+
+
+def run_prompt(run: RunState) -> Text:
+    status = run.status
+    return Text.assemble(
+        (f"{STATUS_GLYPH.get(status, '?')} ", STATUS_STYLE.get(status, "")),
+        (run.name, "bold"),
+        (f"\n  {status}", "dim"),
+    )
+
+
+class RunList(OptionList):
+    """The runs being followed; choosing one shows it."""
+
+    def show_runs(self, runs: list[RunState], selected: int | None) -> None:
+        prompts = [run_prompt(run) for run in runs]
+        if self.option_count != len(prompts):
+            # Runs were added (perhaps above the shown one): keep the highlight on the shown run.
+            self.set_options(prompts)
+            self.highlighted = selected
+            return
+        for index, prompt in enumerate(prompts):
+            if self.get_option_at_index(index).prompt != prompt:
+                self.replace_option_prompt_at_index(index, prompt)
+
+
+class StagesPanel(Static):
+    """Each stage with its progress bar, rate, ETA and latest figures."""
+
+    def show_run(self, run: RunState) -> None:
+        # A narrow terminal drops the figures column first: progress, rate and ETA matter more.
+        width = self.size.width
+        bar_width = 24 if width >= 140 else 10 if width >= 80 else 6
+        self.update(stages_table(run, bar_width=bar_width, wide=width >= 110))
+        self.show_freshness(run)
+
+    def show_freshness(self, run: RunState) -> None:
+        """How long ago the last event came: redrawn every tick, so a stalled run looks stalled."""
+        self.border_subtitle = run_footer(run).plain
+
+
+class LossChart(PlotextPlot):
+    """A line chart of some of a run's loss curves against step."""
+
+    def __init__(self, title: str, curves: tuple[str, ...], waiting_for: str, **kwargs):
+        super().__init__(**kwargs)
+        self.title = title
+        self.curves = curves
+        self.waiting_for = waiting_for
+        self.shown_points = 0
+        """Points drawn at the last update (what the pilot tests check)."""
+
+    def show_run(self, run: RunState) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title(self.title)
+        plt.xlabel("step")
+        self.shown_points = 0
+        low, high = float("inf"), float("-inf")
+        # Drawn last on top: the first curve (the main one) must not hide under the others.
+        for label in reversed(self.curves):
+            xs, ys = run.curves[label].points()
+            if not xs:
+                continue
+            plt.plot(xs, ys, label=label, color=CURVE_COLORS.get(label), marker="braille")
+            self.shown_points += len(xs)
+            low, high = min(low, min(xs)), max(high, max(xs))
+        if not self.shown_points:
+            plt.title(f"{self.title}: waiting for {self.waiting_for}")
+        else:
+            ticks = nice_ticks(low, high)
+            plt.xticks(ticks, [human_number(tick) for tick in ticks])
+            # A little room on the right: plotext draws the last braille dots past the frame otherwise.
+            plt.xlim(low, high + max(1.0, 0.02 * (high - low)))
+        self.refresh()
+
+
+def nice_ticks(low: float, high: float, most: int = 6) -> list[float]:
+    """Round tick positions (1, 2 or 5 times a power of ten apart) covering ``low..high``."""
+    span = high - low
+    if span <= 0:
+        return [low]
+    raw = span / most
+    power = 10 ** math.floor(math.log10(raw))
+    spacing = next(factor * power for factor in (1, 2, 5, 10) if factor * power >= raw)
+    first = math.ceil(low / spacing) * spacing
+    return [first + index * spacing for index in range(int((high - first) // spacing) + 1)]
+
+
+class ScoreHistogramChart(PlotextPlot):
+    """The score distribution as bars, with the selection threshold as a vertical red line."""
+
+    shown_threshold: float | None = None
+    shown_bins = 0
+
+    def show_run(self, run: RunState) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        histogram = run.histogram()
+        self.shown_bins = 0
+        self.shown_threshold = None
+        if histogram is None:
+            plt.title("score distribution: waiting for a histogram")
+            self.refresh()
+            return
+        bins = histogram.bins()
+        width = 0.9 * min(high - low for low, high, _ in bins)
+        threshold = histogram.threshold if histogram.threshold is not None else run.threshold()
+        # Bins the selection keeps are green, the rest blue: the threshold's effect at a glance.
+        for kept, color in ((False, "blue"), (True, "green")):
+            chosen = [(low, high, count) for low, high, count in bins if _is_kept(low, threshold) == kept]
+            if chosen:
+                centers = [(low + high) / 2 for low, high, _ in chosen]
+                plt.bar(centers, [count for _, _, count in chosen], width=width, color=color, marker="hd")
+        self.shown_bins = len(bins)
+        ticks = histogram.edges[:: max(1, len(bins) // 8)]
+        plt.xticks(list(ticks), [f"{tick:.2g}" for tick in ticks])
+        if threshold is not None:
+            plt.vline(threshold, color="red")
+            self.shown_threshold = threshold
+        plt.title(f"score distribution ({histogram.stage}) · {histogram_caption(histogram)}")
+        plt.xlabel("score")
+        self.refresh()
+
+
+def _is_kept(low_edge: float, threshold: float | None) -> bool:
+    return threshold is not None and low_edge >= threshold
+
+
+class ThroughputPanel(Vertical):
+    """docs/s, tokens/s and MB/s: the current value and a sparkline of the recent window each."""
+
+    def compose(self) -> ComposeResult:
+        for key in THROUGHPUT:
+            yield Label(id=f"{key}-value", classes="throughput-value")
+            yield Sparkline([], id=f"{key}-sparkline", classes="throughput-sparkline")
+
+    def show_run(self, run: RunState) -> None:
+        for key, throughput in run.throughput.items():
+            value = Text.assemble(
+                (f"{throughput.label:<9}", "bold"),
+                (human_number(throughput.current), "bold cyan" if throughput.current else "dim"),
+                (f"  ({throughput.stage})" if throughput.stage else "", "dim"),
+            )
+            self.query_one(f"#{key}-value", Label).update(value)
+            self.query_one(f"#{key}-sparkline", Sparkline).data = list(throughput.recent)
+
+
+HELP_TEXT = """\
+[b]blissctl dashboard[/b]: follows each run's events.jsonl; new lines show within a second.
+
+  [b]tab[/b] / [b]shift+tab[/b]   next / previous run (or click one in the list)
+  [b]p[/b]                 pause following: the screen holds still, events are still read
+  [b]?[/b]                 this help
+  [b]q[/b]                 quit
+
+Stages show progress (fraction, or step/total_steps), rate and ETA from recent events.
+Loss charts keep the whole run, thinned evenly once long; sparklines show the recent window.
+The red line on the score distribution is the selection threshold, once select knows it.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("question_mark", "dismiss", "Close"),
+        Binding("q", "dismiss", "Close"),
+    ]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll {
+        width: 90; height: auto; max-height: 80%;
+        border: round $primary; background: $surface; padding: 1 2;
+    }
+    """
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(HELP_TEXT)
