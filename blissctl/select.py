@@ -62,7 +62,7 @@ def select_command(
     force: Annotated[bool, typer.Option(help="Discard an earlier selection of this run and start again.")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("runs"),
 ) -> None:
-    from engine.distributed import init_ranks
+    from engine.distributed import barrier, init_ranks, shutdown
     from engine.run_dir import RunDir
     from engine.select import STAGE, SelectConfig, run_select
 
@@ -76,15 +76,21 @@ def select_command(
     )
     run_dir = RunDir.named(run or _default_run_name(scorer, budget), runs_dir)
     ranks = init_ranks(device)
-    if force and ranks.is_main:
-        _discard_selection(run_dir, STAGE)
-
-    if not ranks.is_main:  # under torchrun only rank 0 talks to the terminal
-        run_select(config, run_dir)
-        return
-    with _SelectDisplay() as display:
-        manifest = run_select(config, run_dir, progress=display.update)
-    print_summary(manifest, run_dir.root)
+    try:
+        if force and ranks.is_main:
+            _discard_selection(run_dir, STAGE)
+        if not ranks.is_main:  # under torchrun only rank 0 talks to the terminal
+            run_select(config, run_dir)
+            barrier(ranks)
+            return
+        with _SelectDisplay() as display:
+            manifest = run_select(config, run_dir, progress=display.update)
+        barrier(ranks)
+        print_summary(manifest, run_dir.root)
+    finally:
+        # Leave the process group explicitly: a rank whose gloo threads are torn down at interpreter
+        # exit while another rank still talks to it aborts ("terminate called without an active exception").
+        shutdown(ranks)
 
 
 def _discard_selection(run_dir, stage: str) -> None:

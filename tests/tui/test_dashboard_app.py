@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -291,8 +292,9 @@ def test_screenshot_of_a_realistic_run(tmp_path):
             "threshold",
             "tokens/s",
             "Next run",
-            "last 2s ago",
         ):
             assert seen in svg.replace("&#160;", " "), seen
+        # the age of the last event is shown (seconds on a quick machine, more on a loaded one)
+        assert re.search(r"last \d+s ago", svg.replace("&#160;", " "))
 
     run(scenario())
