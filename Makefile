@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow demo bench lint clean
+.PHONY: help setup test test-slow demo bench bench-quality lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}'
@@ -30,9 +30,13 @@ test-slow: $(STAMP) ## run the slow tests too
 demo: $(STAMP) ## run blissctl on the embedded sample with the defaults
 	$(BIN)/blissctl select --run demo-random --force
 
-bench: $(STAMP) ## run the benchmarks in bench/ and print their figures
+bench: $(STAMP) ## run the benchmarks in bench/ and print their figures (tens of minutes)
 	$(BIN)/pip install --quiet -e ".[test,bench]"
 	$(BIN)/python bench/run_all.py
+
+bench-quality: $(STAMP) ## select with random/BLISS/DSIR/perplexity and pretrain on each (hours on a CPU)
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	$(BIN)/python bench/quality.py
 
 lint: $(STAMP) ## ruff over the tree
 	$(BIN)/ruff check blissctl engine tui tests bench
