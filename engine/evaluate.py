@@ -1,0 +1,157 @@
+"""Validation loss, perplexity and bits per byte of a causal LM over a packed token stream.
+
+Every token of the stream but the first is predicted exactly once: the stream is cut into windows of
+``seq_len + 1`` tokens that overlap by one (``tokens[i*T : i*T + T + 1]``), the last one shorter.
+Bits per byte divide the total negative log-likelihood (nats) by ``ln 2 × UTF-8 bytes`` of the
+validation text, so models with different tokenizers can be compared on the same text.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalResult:
+    loss: float
+    """Mean next-token cross-entropy in nats."""
+    perplexity: float
+    bits_per_byte: float | None
+    """``None`` when the byte count of the text is unknown (e.g. a capped in-training evaluation)."""
+    tokens: int
+    """Tokens predicted."""
+    bytes: int | None
+
+
+def eval_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
+    """``(start, inputs)`` of each window; together they predict tokens 1 … n_tokens-1 once each."""
+    return [(start, min(seq_len, n_tokens - 1 - start)) for start in range(0, n_tokens - 1, seq_len)]
+
+
+def window_batch(tokens: np.ndarray, windows: list[tuple[int, int]], seq_len: int, pad_id: int):
+    """Inputs and targets (B, T) as int64 tensors; padding positions have target ``IGNORE_INDEX``."""
+    import torch
+
+    x = np.full((len(windows), seq_len), pad_id, dtype=np.int64)
+    y = np.full((len(windows), seq_len), IGNORE_INDEX, dtype=np.int64)
+    for row, (start, length) in enumerate(windows):
+        chunk = np.asarray(tokens[start : start + length + 1], dtype=np.int64)
+        x[row, :length] = chunk[:-1]
+        y[row, :length] = chunk[1:]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def summed_nll(
+    model,
+    tokens: np.ndarray,
+    *,
+    seq_len: int,
+    batch_size: int,
+    device,
+    autocast_dtype=None,
+    rank: int = 0,
+    world_size: int = 1,
+    max_tokens: int | None = None,
+    pad_id: int = 0,
+) -> tuple[float, int]:
+    """Total NLL (nats) and number of predicted tokens over ``tokens``, summed across ranks.
+
+    Batches are dealt round-robin to ranks; every rank runs the same number of forward passes (a rank
+    without a batch of its own re-runs one with zero weight) because a sharded (FSDP) model gathers its
+    weights collectively in each forward.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n_tokens = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
+    windows = eval_windows(n_tokens, seq_len)
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    rounds = math.ceil(len(batches) / world_size)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for r in range(rounds):
+            index = r * world_size + rank
+            weight = 1.0 if index < len(batches) else 0.0
+            x, y = window_batch(tokens, batches[min(index, len(batches) - 1)], seq_len, pad_id)
+            x, y = x.to(device), y.to(device)
+            with amp:
+                logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+            loss_sum = F.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            nll += weight * loss_sum.double()
+            count += weight * (y != IGNORE_INDEX).sum().double()
+    model.train(was_training)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        both = torch.stack([nll, count])
+        dist.all_reduce(both)
+        nll, count = both[0], both[1]
+    return float(nll), int(count)
+
+
+def eval_result(nll: float, count: int, n_bytes: int | None) -> EvalResult:
+    loss = nll / max(count, 1)
+    return EvalResult(
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)),
+        bits_per_byte=nll / (math.log(2) * n_bytes) if n_bytes else None,
+        tokens=count,
+        bytes=n_bytes,
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    val_specs,
+    *,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> tuple[EvalResult, Path]:
+    """Evaluate a pretrain checkpoint on the documents of ``val_specs``; returns the result and folder."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from engine.checkpoints import load_pretrained_model, read_meta, resolve_checkpoint
+    from engine.documents import read_texts
+    from engine.errors import UserError
+    from engine.packing import tokenize_text_stream
+    from engine.tokenizer import end_of_text_id
+
+    folder = resolve_checkpoint(checkpoint)
+    meta = read_meta(folder)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible")
+    model, tokenizer_path = load_pretrained_model(folder, device=device)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    texts = read_texts(val_specs)
+    if not texts:
+        raise UserError(f"no validation documents in {val_specs}")
+    tokens, n_bytes = tokenize_text_stream(texts, tokenizer, leading_eot=True)
+    seq_len = seq_len or meta.get("seq_len") or 2048
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq_len}")
+    if batch_size < 1:
+        raise UserError(f"--batch must be at least 1, got {batch_size}")
+    torch_device = torch.device(device)
+    amp = torch.bfloat16 if torch_device.type == "cuda" else None
+    nll, count = summed_nll(
+        model, tokens, seq_len=seq_len, batch_size=batch_size, device=torch_device, autocast_dtype=amp,
+        pad_id=end_of_text_id(tokenizer),
+    )
+    return eval_result(nll, count, n_bytes), folder

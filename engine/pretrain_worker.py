@@ -1,0 +1,47 @@
+"""The process ``torchrun`` starts on every rank: ``python -m engine.pretrain_worker --config FILE``.
+
+Reads the frozen config written by ``blissctl pretrain`` and runs ``engine.pretrain.train``. A
+``UserError`` becomes one line on stderr (from rank 0) and exit status 2; Ctrl-C (forwarded by
+torchrun) exits 130, keeping the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.pretrain_worker", description=__doc__)
+    parser.add_argument("--config", required=True, help="pretrain_config.json written by blissctl pretrain")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
+    args = parser.parse_args(argv)
+
+    from engine.errors import UserError
+    from engine.launch import read_frozen_config
+    from engine.pretrain import setup_runtime, teardown_runtime, train
+
+    rank = int(os.environ.get("RANK", 0))
+    runtime = None
+    try:
+        config = read_frozen_config(args.config)
+        runtime = setup_runtime(config.device)
+        train(config, resume=args.resume, stop_after=args.stop_after, runtime=runtime)
+    except UserError as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("interrupted: the last checkpoint is kept; run again with --resume", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if runtime is not None:
+            teardown_runtime(runtime)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
