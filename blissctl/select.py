@@ -47,7 +47,10 @@ def select_command(
     temperature: Annotated[float, typer.Option(help="Gumbel-top-k temperature; 0 keeps the top scores exactly.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the random scorer and of the Gumbel noise.")] = 0,
     workers: Annotated[int, typer.Option(help="Reader processes (decompress, parse, tokenise); 0: none.")] = 2,
-    seq_len: Annotated[int, typer.Option(help="Tokens of each document the scorer sees.")] = 512,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(help="Tokens of each document the scorer sees. Default: the score model's training length (bliss), 512 (random)."),
+    ] = None,
     chunks: Annotated[int, typer.Option(help="bliss: average the scores of up to N seq-len chunks.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Documents per score-model forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="Where the score model runs: cpu or cuda.")] = "cpu",

@@ -42,6 +42,7 @@ PROGRESS_EVERY_S = 1.0
 HISTOGRAM_EVERY_S = 5.0
 SCORERS = ("random", "bliss")
 UNITS = ("tokens", "docs")
+RANDOM_SCORER_SEQ_LEN = 512
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +61,9 @@ class SelectConfig:
     """For ``bliss``: a train-scorer run name under ``runs_dir``, or a checkpoint path."""
     device: str = "cpu"
     """Where the score model runs: ``cpu`` or ``cuda``."""
-    seq_len: int = 512
-    """Tokens of each document the scorer sees (its first ``seq_len``)."""
+    seq_len: int | None = None
+    """Tokens of each document the scorer sees (its first ``seq_len``); default: the score model's
+    training length for ``bliss``, 512 for ``random`` (where it only bounds exact token counting)."""
     chunks: int = 1
     """``bliss``: average the scores of up to this many ``seq_len`` chunks of each document."""
     batch_size: int = 64
@@ -93,7 +95,7 @@ class SelectConfig:
             raise UserError(f"--temperature {self.temperature}: must be 0 or more")
         if self.workers < 0:
             raise UserError(f"--workers {self.workers}: must be 0 or more")
-        if self.seq_len < 1:
+        if self.seq_len is not None and self.seq_len < 1:
             raise UserError(f"--seq-len {self.seq_len}: must be at least 1")
         if self.chunks < 1:
             raise UserError(f"--chunks {self.chunks}: must be at least 1")
@@ -220,7 +222,7 @@ def training_texts(shards: list[Path], max_chars: int = TRAINING_SAMPLE_CHARS):
 
 def build_scorer(config: SelectConfig) -> Scorer:
     if config.scorer == "random":
-        return RandomScorer(seed=config.seed, max_tokens=config.seq_len)
+        return RandomScorer(seed=config.seed, max_tokens=config.seq_len or RANDOM_SCORER_SEQ_LEN)
     from engine.bliss_scorer import BlissScorer
 
     return BlissScorer.load(
