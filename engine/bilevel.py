@@ -1,0 +1,204 @@
+"""The math of one BLISS outer step, as small pure functions (no data loading, no optimisers).
+
+Notation (see BLISS.md): θp proxy parameters, θs score-model parameters, s_i = score of training
+sample i, P = softmax(s) over the batch, L_i = mean next-token cross-entropy of sample i,
+lower objective g = Σ_i P_i L_i + γ·KL(θt ‖ θp) + λ‖θp‖², upper objective F = validation CE.
+
+The hypergradient ∇Φ(θs) = −∇²θs,θp g · z is computed without a loop over samples, two ways:
+- ``mixed_second_derivative``: one reverse pass through the graph of ∇θp g that the z-solve built
+  anyway (P still attached to the score model), asking for θs as well as θp;
+- ``per_sample_directional_losses`` + ``surrogate_upper_loss``: all c_i = ∇θp L_i · z at once as one
+  forward-mode ``torch.func.jvp``, then one backward pass of the score model on −Σ_i P_i c_i.
+
+Double backward and forward-mode AD need the MATH attention kernel: the fused SDPA kernels have
+neither (BLISS.md, implementation notes). ``differentiable_attention()`` selects it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Params = Sequence[Tensor]
+
+
+def differentiable_attention():
+    """Context in which attention is built from plain ops, so HVPs and ``jvp`` work through it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Next-token logits of a causal LM, (B, T, V)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def sequence_losses(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """L_i: mean next-token cross-entropy of each sequence over its real target tokens, (B,).
+
+    logits (B, T, V), input_ids (B, T), attention_mask (B, T) with 1 on real tokens (right padding).
+    """
+    B, T, V = logits.shape
+    targets = input_ids[:, 1:]  # (B, T-1)
+    valid = attention_mask[:, 1:].to(torch.float32 if logits.dtype != torch.float64 else logits.dtype)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).to(valid.dtype), targets.reshape(-1), reduction="none")
+    ce = ce.view(B, T - 1)
+    return (ce * valid).sum(1) / valid.sum(1).clamp_min(1.0)  # (B,)
+
+
+def token_kl(proxy_logits: Tensor, target_logits: Tensor, attention_mask: Tensor) -> Tensor:
+    """KL(target ‖ proxy) per next-token prediction, averaged over real positions of the batch (scalar).
+
+    Both logits (B, T, V); the target's are detached (it is frozen).
+    """
+    valid = attention_mask[:, 1:].to(torch.float32 if proxy_logits.dtype != torch.float64 else proxy_logits.dtype)
+    log_p = F.log_softmax(proxy_logits[:, :-1].to(valid.dtype), dim=-1)  # (B, T-1, V)
+    log_t = F.log_softmax(target_logits[:, :-1].detach().to(valid.dtype), dim=-1)
+    kl = (log_t.exp() * (log_t - log_p)).sum(-1)  # (B, T-1)
+    return (kl * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def l2_penalty(params: Params) -> Tensor:
+    """‖θ‖² over all tensors (scalar)."""
+    return sum((p.float() if p.dtype not in (torch.float32, torch.float64) else p).pow(2).sum() for p in params)
+
+
+def batch_weights(scores: Tensor) -> Tensor:
+    """P = softmax of the scores over the batch, (B,); sums to 1."""
+    return torch.softmax(scores, dim=0)
+
+
+def weight_entropy(weights: Tensor) -> float:
+    """Entropy of the batch weights in nats: log B for uniform weights, lower when a few samples dominate."""
+    w = weights.detach().double().clamp_min(1e-30)
+    return float(-(w * w.log()).sum())
+
+
+def lower_objective(losses: Tensor, weights: Tensor, params: Params, *, gamma: float, l2: float,
+                    kl: Tensor | None = None) -> Tensor:
+    """g = Σ_i P_i L_i + γ·KL + λ‖θp‖² (scalar). ``losses`` and ``weights`` are (B,)."""
+    g = (weights.to(losses.dtype) * losses).sum()
+    if kl is not None and gamma:
+        g = g + gamma * kl
+    if l2:
+        g = g + l2 * l2_penalty(params)
+    return g
+
+
+def dot(xs: Params, ys: Params) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(xs, ys, strict=True))
+
+
+def norm(xs: Params) -> float:
+    return math.sqrt(sum(float(x.detach().double().pow(2).sum()) for x in xs))
+
+
+def hessian_vector_product(grad_g: Params, params: Params, vector: Params) -> list[Tensor]:
+    """H·v with H = ∇²θ g, by reverse-over-reverse through ``grad_g`` (built with ``create_graph=True``).
+
+    The graph is kept, so the z-solve can take several products and the hypergradient reuse it.
+    """
+    hv = torch.autograd.grad(grad_g, params, grad_outputs=list(vector), retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h for h, p in zip(hv, params, strict=True)]
+
+
+def clip_per_tensor(tensors: Params, max_norm: float) -> list[Tensor]:
+    """Each tensor scaled down to norm ``max_norm`` if larger (0 disables)."""
+    if not max_norm:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        n = t.norm()
+        out.append(t * torch.clamp(max_norm / (n + 1e-12), max=1.0))
+    return out
+
+
+def solve_z(grad_g: Params, params: Params, v: Params, *, steps: int, lr: float, damping: float,
+            clip: float = 0.0, init: float = 0.0) -> list[Tensor]:
+    """Approximately solve (H + μI) z = v by ``steps`` gradient steps z ← z − η((H + μI)z − v).
+
+    z starts from the constant ``init`` every outer step; each update is clipped per tensor.
+    """
+    z = [torch.full_like(p, init).detach() for p in params]
+    for k in range(steps):
+        # From z = 0 the first product is exactly 0: skip that pass (a third of the default solve).
+        hz = [torch.zeros_like(p) for p in params] if k == 0 and init == 0 else (
+            hessian_vector_product(grad_g, params, z))
+        update = [h.detach() + damping * zi - vi for h, zi, vi in zip(hz, z, v, strict=True)]
+        update = clip_per_tensor(update, clip)
+        z = [zi - lr * u for zi, u in zip(z, update, strict=True)]
+    return z
+
+
+def mixed_second_derivative(grad_g: Params, proxy_params: Params, score_params: Params, z: Params
+                            ) -> tuple[list[Tensor], list[Tensor]]:
+    """One reverse pass through ∇θp g · z: returns (∇θs(∇θp g · z), H z).
+
+    ``grad_g`` must have been built with the batch weights still attached to the score model. The
+    hypergradient is the negation of the first result; H z gives the z residual at no extra pass.
+    Frees the graph.
+    """
+    grads = torch.autograd.grad(grad_g, [*proxy_params, *score_params], grad_outputs=list(z), allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, [*proxy_params, *score_params],
+                                                                      strict=True)]
+    n = len(proxy_params)
+    return grads[n:], grads[:n]
+
+
+def z_residual(hz: Params, z: Params, v: Params, damping: float) -> float:
+    """‖(H + μI)z − v‖ / ‖v‖: how far the z-solve is from exact (1 at z = 0)."""
+    r = [h + damping * zi - vi for h, zi, vi in zip(hz, z, v, strict=True)]
+    return norm(r) / max(norm(v), 1e-30)
+
+
+def per_sample_directional_losses(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                                  z: dict[str, Tensor], chunk: int = 0) -> tuple[Tensor, Tensor]:
+    """All c_i = ∇θp L_i · z at once, as one forward-mode directional derivative: (L, c), both (B,).
+
+    ``z`` maps parameter names of ``model`` to tangents (names absent from it get zero tangent).
+    ``chunk`` > 0 runs the forward-mode pass on that many documents at a time (each c_i only depends on
+    its own document, so this is exact): memory then stays flat as the batch grows.
+    """
+    from torch.func import functional_call, jvp
+
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    tangents = {k: z[k].detach() if k in z else torch.zeros_like(p) for k, p in params.items()}
+
+    def losses_of(ids: Tensor, mask: Tensor):
+        def losses(p: dict[str, Tensor]) -> Tensor:
+            out = functional_call(model, p, args=(), kwargs={"input_ids": ids, "attention_mask": mask,
+                                                              "use_cache": False})
+            return sequence_losses(out.logits, ids, mask)
+
+        return losses
+
+    B = input_ids.shape[0]
+    step = chunk if chunk > 0 else B
+    values, cs = [], []
+    with differentiable_attention():
+        for start in range(0, B, step):
+            mask = attention_mask[start : start + step]
+            T = int(mask.sum(1).max())  # right padding: columns past the longest document are all padding
+            ids, mask = input_ids[start : start + step, :T], mask[:, :T]
+            value, c = jvp(losses_of(ids, mask), (params,), (tangents,))
+            values.append(value)
+            cs.append(c)
+    return torch.cat(values), torch.cat(cs)
+
+
+def surrogate_upper_loss(scores: Tensor, c: Tensor) -> Tensor:
+    """−Σ_i softmax(s)_i · c_i with c held fixed: its gradient in θs is the hypergradient (scalar)."""
+    return -(batch_weights(scores) * c.detach().to(scores.dtype)).sum()
+
+
+@contextlib.contextmanager
+def no_autocast(device_type: str):
+    """fp32 region inside a bf16 autocast (the z-solve stays in fp32)."""
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield

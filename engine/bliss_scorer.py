@@ -1,0 +1,169 @@
+"""``select --scorer bliss``: score documents with a trained BLISS score model.
+
+Each document is scored on its first ``seq_len`` tokens, or (``chunks`` > 1) as the mean score of up to
+``chunks`` consecutive chunks of ``seq_len`` tokens. Documents are sorted by length inside a batch and run
+in sub-batches of at most ``batch_size`` of similar lengths, so padding stays small; bf16 autocast on CUDA. Workers must tokenise
+with ``tokenizer_path`` (the scorer run's tokenizer) and ship at most ``max_tokens`` ids per document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.errors import UserError
+from engine.score_model import ScoreModel, load_score_model
+from engine.scorers import ShardBatch
+
+SCORE_MODEL_FILE = "score-model.pt"
+MAX_LENGTH_SPREAD = 1.5
+"""A sub-batch closes early (once it has ``MIN_SUB_BATCH`` pieces) when the next, longer piece would pad
+its first one by more than this factor: on the embedded sample this lifted the share of real tokens in
+the padded batches from 82% to 95% and scoring from 89 to 123 docs/s (14m, CPU)."""
+MIN_SUB_BATCH = 8
+MIN_TAIL_FRACTION = 0.25
+"""In chunk mode a last, partial chunk shorter than this fraction of ``seq_len`` is dropped (when the
+document has an earlier chunk): a few trailing tokens should not weigh as much as a full chunk."""
+
+
+def find_checkpoint(source: str, runs_dir: Path) -> Path:
+    """The score model file named by ``source``: a checkpoint file, a run folder, or a run name."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    for run in ([path] if path.is_dir() else []) + [Path(runs_dir) / source]:
+        for candidate in (run / "checkpoints" / SCORE_MODEL_FILE, run / SCORE_MODEL_FILE):
+            if candidate.is_file():
+                return candidate
+        if run.is_dir():
+            raise UserError(f"run {run} has no score model yet; train one with: blissctl train-scorer --run {run.name}")
+    raise UserError(f"--scorer-run {source}: no such run in {runs_dir} and no such checkpoint file")
+
+
+def find_tokenizer(checkpoint: Path) -> Path:
+    """The tokenizer the score model was trained with: beside the checkpoint or in its run folder."""
+    for candidate in (checkpoint.parent / "tokenizer.json", checkpoint.parent.parent / "tokenizer.json"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"no tokenizer.json beside {checkpoint} or in its run folder: the score model needs the "
+                    "tokenizer it was trained with")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def chunk_document(tokens: np.ndarray, seq_len: int, chunks: int) -> list[np.ndarray]:
+    """Up to ``chunks`` consecutive pieces of ``seq_len`` tokens (at least one piece, maybe empty)."""
+    pieces = [tokens[start : start + seq_len] for start in range(0, min(len(tokens), seq_len * chunks), seq_len)]
+    if len(pieces) > 1 and len(pieces[-1]) < MIN_TAIL_FRACTION * seq_len:
+        pieces.pop()
+    return pieces or [tokens[:0]]
+
+
+class BlissScorer:
+    """The trained score model as a ``select`` scorer (satisfies ``engine.scorers.Scorer``)."""
+
+    name = "bliss"
+    needs_tokens = True
+
+    def __init__(self, model: ScoreModel, *, checkpoint: Path, tokenizer_path: Path, device: torch.device,
+                 seq_len: int, chunks: int, batch_size: int, pad_id: int, meta: dict[str, Any]):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.tokenizer_path = tokenizer_path
+        self.device = device
+        self.seq_len = seq_len
+        self.chunks = chunks
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.meta = meta
+        self.max_tokens = seq_len * chunks
+        self._sha256: str | None = None
+
+    @classmethod
+    def load(cls, source: str, runs_dir: Path, *, device: str = "cpu", seq_len: int | None = None,
+             chunks: int = 1, batch_size: int = 64) -> BlissScorer:
+        """Load the score model of run ``source`` under ``runs_dir`` (or the checkpoint file ``source``)."""
+        if chunks < 1:
+            raise UserError(f"--chunks must be at least 1 (got {chunks})")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+        if seq_len is not None and seq_len < 1:
+            raise UserError(f"--seq-len must be at least 1 (got {seq_len})")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine")
+        checkpoint = find_checkpoint(source, Path(runs_dir))
+        tokenizer_path = find_tokenizer(checkpoint)
+        model, meta = load_score_model(checkpoint, device=device)
+        return cls(model, checkpoint=checkpoint.resolve(), tokenizer_path=tokenizer_path.resolve(),
+                   device=torch.device(device), seq_len=seq_len or int(meta["seq_len"]), chunks=chunks,
+                   batch_size=batch_size, pad_id=int(meta["pad_id"]), meta=meta)
+
+    def _collate(self, pieces: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (B, T) ids and mask; an empty piece is one padding token with mask 1."""
+        T = max(max(len(p) for p in pieces), 1)
+        ids = np.full((len(pieces), T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(pieces), T), dtype=np.int64)
+        for i, p in enumerate(pieces):
+            ids[i, : len(p)] = p
+            mask[i, : max(len(p), 1)] = 1
+        return (torch.from_numpy(ids).to(self.device, non_blocking=True),
+                torch.from_numpy(mask).to(self.device, non_blocking=True))
+
+    def sub_batches(self, lengths: list[int]) -> list[np.ndarray]:
+        """Indices of pieces grouped for the model: sorted by length, at most ``batch_size`` a group, and a
+        new group when the length grows past ``MAX_LENGTH_SPREAD`` × the group's shortest (padding waste)."""
+        order = np.argsort(lengths, kind="stable")
+        groups: list[np.ndarray] = []
+        start = 0
+        for end in range(1, len(order) + 1):
+            size = end - start
+            if end == len(order) or size >= self.batch_size or (
+                    size >= MIN_SUB_BATCH and lengths[order[end]] > MAX_LENGTH_SPREAD * max(lengths[order[start]], 1)):
+                groups.append(order[start:end])
+                start = end
+        return groups
+
+    @torch.inference_mode()
+    def score_pieces(self, pieces: list[np.ndarray]) -> np.ndarray:
+        """float32 scores of token sequences (each at most ``seq_len`` long), in their order."""
+        out = np.empty(len(pieces), dtype=np.float32)
+        for idx in self.sub_batches([len(p) for p in pieces]):
+            ids, mask = self._collate([pieces[i] for i in idx])
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                enabled=self.device.type == "cuda"):
+                scores = self.model(ids, mask)
+            out[idx] = scores.float().cpu().numpy()
+        return out
+
+    def score(self, batch: ShardBatch) -> np.ndarray:
+        """float32 (B,): the sigmoid score of each document (mean over its chunks in chunk mode)."""
+        if batch.token_ids is None:
+            raise ValueError("the bliss scorer needs token ids (needs_tokens=True)")
+        pieces: list[np.ndarray] = []
+        owners: list[int] = []
+        for i, tokens in enumerate(batch.token_ids):
+            for piece in chunk_document(np.asarray(tokens)[: self.max_tokens], self.seq_len, self.chunks):
+                pieces.append(piece)
+                owners.append(i)
+        if not pieces:
+            return np.zeros(0, dtype=np.float32)
+        scores = self.score_pieces(pieces)
+        owner = np.asarray(owners)
+        n = len(batch.token_ids)
+        return (np.bincount(owner, weights=scores, minlength=n) / np.bincount(owner, minlength=n)).astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        if self._sha256 is None:
+            self._sha256 = _sha256(self.checkpoint)
+        return {"name": self.name, "checkpoint": str(self.checkpoint), "checkpoint_sha256": self._sha256,
+                "outer_step": self.meta.get("outer_step"), "seq_len": self.seq_len, "chunks": self.chunks}
