@@ -8,7 +8,6 @@ with ``tokenizer_path`` (the scorer run's tokenizer) and ship at most ``max_toke
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.errors import UserError
+from engine.run_dir import file_sha256
 from engine.score_model import ScoreModel, load_score_model
 from engine.scorers import ShardBatch
 
@@ -51,14 +51,6 @@ def find_tokenizer(checkpoint: Path) -> Path:
             return candidate
     raise UserError(f"no tokenizer.json beside {checkpoint} or in its run folder: the score model needs the "
                     "tokenizer it was trained with")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def chunk_document(tokens: np.ndarray, seq_len: int, chunks: int) -> list[np.ndarray]:
@@ -164,6 +156,6 @@ class BlissScorer:
 
     def describe(self) -> dict[str, Any]:
         if self._sha256 is None:
-            self._sha256 = _sha256(self.checkpoint)
+            self._sha256 = file_sha256(self.checkpoint)
         return {"name": self.name, "checkpoint": str(self.checkpoint), "checkpoint_sha256": self._sha256,
                 "outer_step": self.meta.get("outer_step"), "seq_len": self.seq_len, "chunks": self.chunks}

@@ -16,7 +16,6 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import multiprocessing
 import os
 import shutil
@@ -29,7 +28,7 @@ import orjson
 
 from engine.documents import SkipCounts, discover_shards, read_documents
 from engine.errors import UserError
-from engine.run_dir import atomic_write_json, atomic_write_with
+from engine.run_dir import atomic_write_json, atomic_write_with, file_sha256
 
 FORMAT_VERSION = 1
 ENCODE_BATCH = 512
@@ -39,14 +38,6 @@ ENCODE_BATCH = 512
 def token_dtype(vocab_size: int) -> np.dtype:
     """``uint16`` when every id fits (Pythia's 50k vocabulary does), else ``uint32``."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def source_fingerprint(path: Path) -> dict:

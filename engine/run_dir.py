@@ -8,6 +8,7 @@ Layout (``runs/<name>/``): ``config.json`` (every stage's config with the projec
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tempfile
 import time
@@ -62,6 +63,15 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MB blocks: identifies a checkpoint or tokenizer in manifests."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

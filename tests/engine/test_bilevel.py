@@ -20,15 +20,6 @@ from engine.score_model import ScoreModel
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine can be 10× slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 LENGTHS = [12, 7, 10, 4, 12, 9]  # right-padded to 12: padding must not change any sample's loss or score
 
 

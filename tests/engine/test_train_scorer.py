@@ -33,15 +33,6 @@ from engine.train_scorer import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine can be 10× slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _shuffled_characters(text: str, rng: random.Random) -> str:
     chars = list(text)
     rng.shuffle(chars)
