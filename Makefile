@@ -27,8 +27,8 @@ test: $(STAMP) ## run the fast CPU test suite (what CI runs)
 test-slow: $(STAMP) ## run the slow tests too
 	$(BIN)/python -m pytest -q -m ''
 
-demo: $(STAMP) ## run blissctl on the embedded sample with the defaults
-	$(BIN)/blissctl select --run demo-random --force
+demo: $(STAMP) ## train-scorer, select (BLISS and random), pretrain and eval on the embedded sample (~5 min)
+	$(BIN)/blissctl demo
 
 bench: $(STAMP) ## run the benchmarks in bench/ and print their figures (tens of minutes)
 	$(BIN)/pip install --quiet -e ".[test,bench]"

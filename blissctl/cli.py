@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 from blissctl import __version__
@@ -32,16 +34,24 @@ def _root(
     """Select pretraining data with BLISS and pretrain on it."""
 
 
+def _help(doc: str | None) -> str:
+    """A module docstring as --help text: paragraphs kept, the line breaks inside them dropped (rich
+    re-wraps to the terminal, and kept breaks would wrap twice)."""
+    paragraphs = inspect.cleandoc(doc or "").split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
 def _register() -> None:
     # Each command module imports torch and friends lazily, inside its command, so that
     # `blissctl --help` stays quick.
-    from blissctl import dashboard, eval, pretrain, select, train_scorer
+    from blissctl import dashboard, demo, eval, pretrain, select, train_scorer
 
-    app.command("train-scorer", help=train_scorer.__doc__)(train_scorer.train_scorer_command)
-    app.command("select", help=select.__doc__)(select.select_command)
-    app.command("pretrain", help=pretrain.__doc__)(pretrain.pretrain_command)
-    app.command("eval", help=eval.__doc__)(eval.eval_command)
-    app.command("dashboard", help=dashboard.__doc__)(dashboard.dashboard_command)
+    app.command("train-scorer", help=_help(train_scorer.__doc__))(train_scorer.train_scorer_command)
+    app.command("select", help=_help(select.__doc__))(select.select_command)
+    app.command("pretrain", help=_help(pretrain.__doc__))(pretrain.pretrain_command)
+    app.command("eval", help=_help(eval.__doc__))(eval.eval_command)
+    app.command("dashboard", help=_help(dashboard.__doc__))(dashboard.dashboard_command)
+    app.command("demo", help=_help(demo.__doc__))(demo.demo_command)
 
 
 _register()

@@ -39,9 +39,12 @@ def select_command(
             "(torchrun's own parser takes --run for its --run-path).",
         ),
     ] = None,
-    scorer: Annotated[str, typer.Option(help="random (seeded control arm) or bliss (a trained score model).")] = "random",
+    scorer: Annotated[
+        str,
+        typer.Option(help="random (seeded control arm), bliss (a trained score model) or perplexity (lowest proxy perplexity first)."),
+    ] = "random",
     scorer_run: Annotated[
-        str | None, typer.Option(help="For --scorer bliss: a train-scorer run name, or a checkpoint path.")
+        str | None, typer.Option(help="For --scorer bliss or perplexity: a train-scorer run name, or a checkpoint path.")
     ] = None,
     unit: Annotated[str, typer.Option(help="What the budget counts: tokens or docs.")] = "tokens",
     temperature: Annotated[float, typer.Option(help="Gumbel-top-k temperature; 0 keeps the top scores exactly.")] = 0.0,

@@ -40,7 +40,7 @@ STAGE = "select"
 HISTOGRAM_EDGES = np.round(np.linspace(0.0, 1.0, 51), 6)
 PROGRESS_EVERY_S = 1.0
 HISTOGRAM_EVERY_S = 5.0
-SCORERS = ("random", "bliss")
+SCORERS = ("random", "bliss", "perplexity")
 UNITS = ("tokens", "docs")
 RANDOM_SCORER_SEQ_LEN = 512
 
@@ -56,9 +56,10 @@ class SelectConfig:
     unit: str = "tokens"
     """``tokens`` or ``docs``: what the budget counts."""
     scorer: str = "random"
-    """``random`` (seeded control arm) or ``bliss`` (a trained score model)."""
+    """``random`` (seeded control arm), ``bliss`` (a trained score model) or ``perplexity`` (keep what the
+    warmed-up proxy of a train-scorer run finds least surprising: the classic baseline)."""
     scorer_run: str | None = None
-    """For ``bliss``: a train-scorer run name under ``runs_dir``, or a checkpoint path."""
+    """For ``bliss`` and ``perplexity``: a train-scorer run name under ``runs_dir``, or a checkpoint path."""
     device: str = "cpu"
     """Where the score model runs: ``cpu`` or ``cuda``."""
     seq_len: int | None = None
@@ -89,8 +90,8 @@ class SelectConfig:
             raise UserError(f"--unit {self.unit!r}: choose tokens or docs")
         if self.scorer not in SCORERS:
             raise UserError(f"--scorer {self.scorer!r}: choose one of {', '.join(SCORERS)}")
-        if self.scorer == "bliss" and not self.scorer_run:
-            raise UserError("--scorer bliss needs --scorer-run NAME (a train-scorer run) or a checkpoint path")
+        if self.scorer in ("bliss", "perplexity") and not self.scorer_run:
+            raise UserError(f"--scorer {self.scorer} needs --scorer-run NAME (a train-scorer run) or a checkpoint path")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise UserError(f"--temperature {self.temperature}: must be 0 or more")
         if self.workers < 0:
@@ -223,6 +224,13 @@ def training_texts(shards: list[Path], max_chars: int = TRAINING_SAMPLE_CHARS):
 def build_scorer(config: SelectConfig) -> Scorer:
     if config.scorer == "random":
         return RandomScorer(seed=config.seed, max_tokens=config.seq_len or RANDOM_SCORER_SEQ_LEN)
+    if config.scorer == "perplexity":
+        from engine.ppl_filter import PerplexityScorer
+
+        return PerplexityScorer.load(
+            config.scorer_run, Path(config.runs_dir), seq_len=config.seq_len, batch_size=config.batch_size,
+            device=config.device,
+        )
     from engine.bliss_scorer import BlissScorer
 
     return BlissScorer.load(
