@@ -82,6 +82,7 @@ def main() -> None:
     import torch
     from _common import record
 
+    from engine.batching import collate
     from engine.bliss_scorer import BlissScorer
     from engine.documents import read_texts
     from engine.embedded import sample_pool_glob
@@ -91,7 +92,7 @@ def main() -> None:
     from engine.scorers import ShardBatch
     from engine.select import SelectConfig, run_select
     from engine.tokenizer import load_tokenizer, train_bpe_tokenizer
-    from engine.train_scorer import collate, make_encoder
+    from engine.train_scorer import make_encoder
 
     torch.set_num_threads(args.threads)
     budget_share = float(args.budget.rstrip("%")) / 100

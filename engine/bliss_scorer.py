@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.batching import collate
 from engine.errors import UserError
 from engine.run_dir import file_sha256
 from engine.score_model import ScoreModel, load_score_model
@@ -100,17 +101,6 @@ class BlissScorer:
                    device=torch.device(device), seq_len=seq_len or int(meta["seq_len"]), chunks=chunks,
                    batch_size=batch_size, pad_id=int(meta["pad_id"]), meta=meta)
 
-    def _collate(self, pieces: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded (B, T) ids and mask; an empty piece is one padding token with mask 1."""
-        T = max(max(len(p) for p in pieces), 1)
-        ids = np.full((len(pieces), T), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(pieces), T), dtype=np.int64)
-        for i, p in enumerate(pieces):
-            ids[i, : len(p)] = p
-            mask[i, : max(len(p), 1)] = 1
-        return (torch.from_numpy(ids).to(self.device, non_blocking=True),
-                torch.from_numpy(mask).to(self.device, non_blocking=True))
-
     def sub_batches(self, lengths: list[int]) -> list[np.ndarray]:
         """Indices of pieces grouped for the model: sorted by length, at most ``batch_size`` a group, and a
         new group when the length grows past ``MAX_LENGTH_SPREAD`` × the group's shortest (padding waste)."""
@@ -130,7 +120,7 @@ class BlissScorer:
         """float32 scores of token sequences (each at most ``seq_len`` long), in their order."""
         out = np.empty(len(pieces), dtype=np.float32)
         for idx in self.sub_batches([len(p) for p in pieces]):
-            ids, mask = self._collate([pieces[i] for i in idx])
+            ids, mask = collate([pieces[i] for i in idx], self.pad_id, self.device)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                 enabled=self.device.type == "cuda"):
                 scores = self.model(ids, mask)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.batching import collate
 from engine.errors import UserError
 from engine.run_dir import file_sha256
 from engine.scorers import ShardBatch
@@ -85,13 +86,7 @@ class PerplexityScorer:
         order = [i for i in order if len(pieces[i]) >= 2]
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            T = max(len(pieces[i]) for i in idx)
-            ids = np.full((len(idx), T), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), T), dtype=np.int64)
-            for row, i in enumerate(idx):
-                ids[row, : len(pieces[i])] = pieces[i]
-                mask[row, : len(pieces[i])] = 1
-            ids_t, mask_t = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+            ids_t, mask_t = collate([pieces[i] for i in idx], self.pad_id, self.device)
             losses = sequence_losses(lm_logits(self.model, ids_t, mask_t), ids_t, mask_t)
             out[idx] = losses.double().cpu().numpy()
         return out

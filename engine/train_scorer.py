@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from engine import bilevel
+from engine.batching import collate
 from engine.documents import SkipCounts, discover_shards, read_documents
 from engine.errors import UserError
 from engine.models import build_causal_lm, count_parameters, model_preset, with_max_seq_len
@@ -269,22 +270,6 @@ def make_encoder(tokenizer, seq_len: int) -> Callable[[list[str]], list[np.ndarr
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     return encode
-
-
-def collate(token_lists: Sequence[np.ndarray], pad_id: int, device: torch.device | str,
-            seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask, both (B, T) with T the longest document (≤ ``seq_len``).
-
-    An empty document becomes one padding token with mask 1, so that no row is entirely masked.
-    """
-    lengths = [max(1, min(len(t), seq_len) if seq_len else len(t)) for t in token_lists]
-    T = max(lengths)
-    ids = np.full((len(token_lists), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(token_lists), T), dtype=np.int64)
-    for i, (tokens, n) in enumerate(zip(token_lists, lengths, strict=True)):
-        ids[i, : min(len(tokens), n)] = tokens[:n]
-        mask[i, :n] = 1
-    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
 def tokenised_documents(paths: Sequence[Path], encode, limit: int, skips: SkipCounts | None = None) -> list[np.ndarray]:
