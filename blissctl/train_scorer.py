@@ -21,7 +21,7 @@ RUN = "Run"
 
 @handles_user_errors
 def train_scorer_command(
-    train: Annotated[list[str] | None, typer.Option("--train", help="Training pool: files, folders or globs (repeatable). Default: the embedded sample pool.", rich_help_panel=DATA)] = None,
+    train: Annotated[list[str] | None, typer.Option("--train", metavar="PATH", help="Training pool: files, folders or globs (repeatable). Default: the embedded sample pool.", rich_help_panel=DATA)] = None,
     val: Annotated[str | None, typer.Option("--val", help="Validation documents. Default: the embedded narrative set.", rich_help_panel=DATA)] = None,
     run: Annotated[str | None, typer.Option("--run", help="Run name under --runs-dir. Default: bliss-<proxy>.", rich_help_panel=RUN)] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs live.", rich_help_panel=RUN)] = Path("runs"),
