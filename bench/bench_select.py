@@ -88,13 +88,12 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from engine.select import training_texts
-    from engine.tokenizer import resolve_tokenizer
+    from engine.tokenizer import resolve_tokenizer, training_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = Path(tmp) / "tokenizer.json"
         start = time.perf_counter()
-        resolve_tokenizer(None, tokenizer, training_texts(pool_shards()))
+        resolve_tokenizer(None, tokenizer, training_sample(pool_shards()))
         tokenizer_s = time.perf_counter() - start
         rows = []
         for shards in (1, 2, 4, 8):

@@ -123,15 +123,15 @@ def selected_folder_tokenizer(data: tuple[str, ...]) -> Path | None:
 def resolve_run_tokenizer(config: PretrainConfig, run: RunDir) -> Path:
     """The run's tokenizer, saved at ``runs/<name>/tokenizer.json``: ``--tokenizer``, else the select
     run's, else the one already saved, else a BPE trained on the training data."""
-    from engine.documents import discover_shards, read_documents
-    from engine.tokenizer import resolve_tokenizer
+    from engine.documents import discover_shards
+    from engine.tokenizer import resolve_tokenizer, training_sample
 
     spec = config.tokenizer or selected_folder_tokenizer(config.data)
     if spec is None and run.tokenizer_path.exists():
         return run.tokenizer_path
     texts = None
     if spec is None:
-        texts = (doc.text for doc in read_documents(discover_shards(list(config.data))))
+        texts = training_sample(discover_shards(list(config.data)))
     resolve_tokenizer(spec, run.tokenizer_path, texts)
     return run.tokenizer_path
 

@@ -25,7 +25,7 @@ import orjson
 from engine import __version__
 from engine.budget import Budget, parse_budget
 from engine.distributed import Ranks, all_gather, barrier, broadcast, init_ranks
-from engine.documents import SkipCounts, discover_shards, iter_raw_lines, parse_document, shard_labels
+from engine.documents import SkipCounts, discover_shards, shard_labels
 from engine.embedded import sample_pool_glob
 from engine.errors import UserError
 from engine.hashing import document_gumbels
@@ -33,7 +33,7 @@ from engine.read_pipeline import DocBatch, ShardDone, ShardFailed, ShardJob, Sha
 from engine.run_dir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_with
 from engine.scorers import RandomScorer, Scorer, ShardBatch
 from engine.selection_writer import WriteJob, output_name, write_selected_shards
-from engine.tokenizer import DEFAULT_VOCAB_SIZE, TRAINING_SAMPLE_CHARS, resolve_tokenizer
+from engine.tokenizer import DEFAULT_VOCAB_SIZE, resolve_tokenizer, training_sample
 from engine.topk import TopKByWeight, rank_keys
 
 STAGE = "select"
@@ -205,22 +205,6 @@ def selection_values(shard: ShardScores, temperature: float, seed: int) -> np.nd
     return (log_scores + temperature * document_gumbels(seed, shard.label, shard.lines)).astype(np.float32)
 
 
-def training_texts(shards: list[Path], max_chars: int = TRAINING_SAMPLE_CHARS):
-    """Texts for the default tokenizer: an equal share of characters from every shard."""
-    per_shard = max(1, max_chars // max(1, len(shards)))
-    for path in shards:
-        taken = 0
-        skips = SkipCounts()
-        for raw in iter_raw_lines(path):
-            parsed = parse_document(raw, skips)
-            if parsed is None:
-                continue
-            yield parsed[1]
-            taken += len(parsed[1])
-            if taken >= per_shard:
-                break
-
-
 def build_scorer(config: SelectConfig) -> Scorer:
     if config.scorer == "random":
         return RandomScorer(seed=config.seed, max_tokens=config.seq_len or RANDOM_SCORER_SEQ_LEN)
@@ -294,7 +278,7 @@ def run_select(
             _check_run_state(config, run_dir, labels)
             scorer = build_scorer(config)
             spec = getattr(scorer, "tokenizer_path", None) or config.tokenizer
-            resolve_tokenizer(spec, run_dir.tokenizer_path, training_texts(shards), config.vocab_size)
+            resolve_tokenizer(spec, run_dir.tokenizer_path, training_sample(shards), config.vocab_size)
             entry = {**_config_dict(config), "scoring_identity": config.scoring_identity(), "shards": labels}
             data = run_dir.read_config()
             data.update({"version": __version__, STAGE: entry})
@@ -327,6 +311,7 @@ def _config_dict(config: SelectConfig) -> dict[str, Any]:
 
 
 def _run(config, run_dir, ranks: Ranks, shards, labels, scorer, events, report, on_shard_scored):
+    started = time.time()
     mine = [i for i in range(len(shards)) if ranks.owns(i)]
     events.emit(
         "start", shards=len(shards), budget=config.budget, unit=config.unit, scorer=scorer.name,
@@ -411,7 +396,8 @@ def _run(config, run_dir, ranks: Ranks, shards, labels, scorer, events, report, 
         all_stats.update(part)
     manifest = None
     if ranks.is_main:
-        manifest = _manifest(config, run_dir, shards, labels, all_stats, scorer, budget_amount, total_weight, cutoff, shard_base, ranks)
+        manifest = _manifest(config, run_dir, shards, labels, all_stats, scorer, budget_amount, total_weight, cutoff,
+                             shard_base, ranks, elapsed_s=time.time() - started)
         atomic_write_json(run_dir.selected / "manifest.json", manifest)
         atomic_write_json(run_dir.report / "select.json", manifest)
         atomic_write_bytes(run_dir.report / "select.md", render_markdown(manifest).encode())
@@ -548,7 +534,8 @@ def _shard_stats(shard: ShardScores, kept: np.ndarray, config: SelectConfig) -> 
     }
 
 
-def _manifest(config, run_dir, shards, labels, stats, scorer, budget_amount, total_weight, cutoff, shard_base, ranks):
+def _manifest(config, run_dir, shards, labels, stats, scorer, budget_amount, total_weight, cutoff, shard_base, ranks,
+              elapsed_s: float):
     order = range(len(shards))
     skipped = SkipCounts()
     for i in order:
@@ -565,7 +552,6 @@ def _manifest(config, run_dir, shards, labels, stats, scorer, budget_amount, tot
         ordinal = int(cutoff) & 0xFFFFFFFF
         shard_index = int(np.searchsorted(shard_base, ordinal, side="right")) - 1
         first_out = {"shard": labels[shard_index], "line": ordinal - int(shard_base[shard_index])}
-    started = _first_event_ts(run_dir)
     docs_seen = sum(stats[i]["documents"] for i in order)
     tokens_seen = sum(stats[i]["tokens"] for i in order)
     return {
@@ -603,24 +589,8 @@ def _manifest(config, run_dir, shards, labels, stats, scorer, budget_amount, tot
         "outputs": [stats[i]["output"] for i in order if stats[i]["output"]],
         "tokenizer": str(run_dir.tokenizer_path),
         "world_size": ranks.world_size,
-        "elapsed_s": round(time.time() - started, 2) if started else None,
+        "elapsed_s": round(elapsed_s, 2),
     }
-
-
-def _first_event_ts(run_dir: RunDir) -> float | None:
-    """When this selection started: the ts of the last ``start`` event of the stage."""
-    try:
-        lines = run_dir.events_path.read_bytes().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            event = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if event.get("stage") == STAGE and event.get("kind") == "start":
-            return float(event["ts"])
-    return None
 
 
 def render_markdown(manifest: dict[str, Any]) -> str:

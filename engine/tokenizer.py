@@ -5,7 +5,7 @@ so that a run never needs the network.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -54,6 +54,21 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SI
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
+
+
+def training_sample(shards: Sequence[Path], max_chars: int = TRAINING_SAMPLE_CHARS) -> Iterator[str]:
+    """Texts for a default tokenizer: an equal share of ``max_chars`` from every shard, so that the
+    vocabulary reflects the whole pool rather than its first files."""
+    from engine.documents import read_documents
+
+    per_shard = max(1, max_chars // max(1, len(shards)))
+    for path in shards:
+        taken = 0
+        for doc in read_documents([path]):
+            yield doc.text
+            taken += len(doc.text)
+            if taken >= per_shard:
+                break
 
 
 def sample_for_training(texts: Iterable[str], max_chars: int = TRAINING_SAMPLE_CHARS) -> list[str]:

@@ -36,8 +36,9 @@ from engine.documents import SkipCounts, discover_shards, read_documents
 from engine.errors import UserError
 from engine.models import build_causal_lm, count_parameters, model_preset, with_max_seq_len
 from engine.run_dir import RunDir, atomic_write_with
+from engine.schedule import lr_multiplier, warmup_steps
 from engine.score_model import ScoreModel, save_score_model
-from engine.tokenizer import PADDING, end_of_text_id, resolve_tokenizer
+from engine.tokenizer import PADDING, end_of_text_id, resolve_tokenizer, training_sample
 
 STATE_FILE = "train-scorer-state.pt"
 SCORE_MODEL_FILE = "score-model.pt"
@@ -292,12 +293,8 @@ def tokenised_documents(paths: Sequence[Path], encode, limit: int, skips: SkipCo
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup_fraction: float, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup_fraction`` of ``total`` steps, then cosine decay to ``min_ratio``·peak."""
-    warm = max(1, int(total * warmup_fraction))
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """The pretraining schedule (``engine.schedule``) as an absolute rate: warm-up, then cosine to min_ratio·peak."""
+    return peak * lr_multiplier(step, total_steps=total, warmup=warmup_steps(total, warmup_fraction), min_ratio=min_ratio)
 
 
 def make_adamw(model: torch.nn.Module, config: TrainScorerConfig, lr: float) -> torch.optim.AdamW:
@@ -540,16 +537,12 @@ def run_train_scorer(config: TrainScorerConfig, run_dir: RunDir,
     if state is not None:
         _check_resumable(state["config"], config)
 
-    def training_texts() -> Iterator[str]:
-        for doc in read_documents(train_shards):
-            yield doc.text
-
     # The KL term compares next-token distributions, so with a target the default tokenizer is the target's.
     target, target_tokenizer = load_target(config.target, device) if config.target else (None, None)
     spec = config.tokenizer
     if spec is None and target_tokenizer is not None and not run_dir.tokenizer_path.exists():
         spec = str(target_tokenizer)
-    tokenizer = resolve_tokenizer(spec, run_dir.tokenizer_path, training_texts(), config.vocab_size)
+    tokenizer = resolve_tokenizer(spec, run_dir.tokenizer_path, training_sample(train_shards), config.vocab_size)
     vocab_size = tokenizer.get_vocab_size()
     pad_id = tokenizer.token_to_id(PADDING)
     pad_id = end_of_text_id(tokenizer) if pad_id is None else pad_id
