@@ -6,7 +6,7 @@
    ``--batch-size`` before the clock starts; only ``model(ids, mask)`` is timed. Twice: batches in pool
    order, and batches of the whole pool sorted by length (the least padding possible).
 3. The scorer alone on pre-tokenised ``ShardBatch``es (sorting, padding, sub-batches included).
-4. End to end: ``engine.select.run_select`` with ``--scorer bliss`` (reader workers, tokenising, scoring,
+4. End to end: ``engine.select.stage.run_select`` with ``--scorer bliss`` (reader workers, tokenising, scoring,
    score files, top-k, writing the subset). docs/s over the whole call, and select's own scoring rate.
 5. The same with ``--scorer random`` (documents still tokenised for their counts, no ids shipped): roughly
    the ceiling the reading, tokenising and writing pipeline allows on its own.
@@ -38,8 +38,8 @@ def run_dsir(shards: list[str], num_to_sample: int, num_proc: int) -> dict:
         from data_selection import HashedNgramDSIR
     except ImportError:
         return {"skipped": "PyPI data-selection is not installed"}
-    from engine.documents import read_documents
-    from engine.embedded import sample_val_path
+    from engine.data.sample import sample_val_path
+    from engine.data.sources import read_documents
 
     def load(path):
         for doc in read_documents([Path(path)]):
@@ -59,7 +59,7 @@ def run_dsir(shards: list[str], num_to_sample: int, num_proc: int) -> dict:
 
 
 def read_texts_of(shards):
-    from engine.documents import read_documents
+    from engine.data.sources import read_documents
 
     return read_documents([Path(s) for s in shards])
 
@@ -82,17 +82,17 @@ def main() -> None:
     import torch
     from _common import record
 
-    from engine.batching import collate
-    from engine.bliss_scorer import BlissScorer
-    from engine.documents import read_texts
-    from engine.embedded import sample_pool_glob
-    from engine.models import build_causal_lm, model_preset, with_max_seq_len
+    from engine.bliss.score_model import ScoreModel, save_score_model
+    from engine.bliss.train import make_encoder
+    from engine.data.collate import collate
+    from engine.data.sample import sample_pool_glob
+    from engine.data.sources import read_texts
+    from engine.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from engine.models.presets import build_causal_lm, model_preset, with_max_seq_len
     from engine.run_dir import RunDir, atomic_write_bytes
-    from engine.score_model import ScoreModel, save_score_model
-    from engine.scorers import ShardBatch
-    from engine.select import SelectConfig, run_select
-    from engine.tokenizer import load_tokenizer, train_bpe_tokenizer
-    from engine.train_scorer import make_encoder
+    from engine.select.scorers.base import ShardBatch
+    from engine.select.scorers.bliss import BlissScorer
+    from engine.select.stage import SelectConfig, run_select
 
     torch.set_num_threads(args.threads)
     budget_share = float(args.budget.rstrip("%")) / 100

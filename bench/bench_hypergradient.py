@@ -48,9 +48,9 @@ def reset_peak() -> None:
 def child(args) -> None:
     import torch
 
-    from engine import bilevel
-    from engine.models import build_causal_lm, model_preset, with_max_seq_len
-    from engine.score_model import ScoreModel
+    from engine.bliss import bilevel
+    from engine.bliss.score_model import ScoreModel
+    from engine.models.presets import build_causal_lm, model_preset, with_max_seq_len
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """One BLISS outer step against one plain proxy training step, with the outer step broken into phases.
 
-The outer step is ``engine.train_scorer.outer_step`` itself (the code the loop runs), timed phase by
+The outer step is ``engine.bliss.train.outer_step`` itself (the code the loop runs), timed phase by
 phase with its ``PhaseTimer``: K inner steps, validation gradient, score-model forward, the graph of
 ∇θp g (forward + create_graph backward under the MATH kernel), the z-solve (``--z-steps`` HVPs), the
 hypergradient (one reverse pass through that graph) and the upper AdamW step. A plain step is forward +
@@ -42,10 +42,10 @@ def main() -> None:
     import torch
     from _common import record
 
-    from engine import bilevel
-    from engine.models import build_causal_lm, model_preset, with_max_seq_len
-    from engine.score_model import ScoreModel
-    from engine.train_scorer import PhaseTimer, TrainScorerConfig, autocast, make_adamw, outer_step
+    from engine.bliss import bilevel
+    from engine.bliss.score_model import ScoreModel
+    from engine.bliss.train import PhaseTimer, TrainScorerConfig, autocast, make_adamw, outer_step
+    from engine.models.presets import build_causal_lm, model_preset, with_max_seq_len
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

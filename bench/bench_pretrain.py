@@ -3,7 +3,7 @@
 Both loops run in this one process on the same packed tokens (the embedded sample), the same model
 preset, micro-batch and gradient accumulation. The bare loop is what any training loop must do:
 read a batch from the memory map, forward, cross-entropy, backward, AdamW step. The pretraining loop is
-``engine.pretrain.train`` (data order, schedule, clipping, logging, events). Steady-state tokens/s
+``engine.pretrain.train.train`` (data order, schedule, clipping, logging, events). Steady-state tokens/s
 (the first ``--log-every`` steps are warm-up and are dropped) of each, interleaved over ``--repeats``
 rounds; the best round of each is compared, by wall time and by this process's CPU time (which other
 users of a shared machine disturb far less). Goal: overhead ≤ 10%.
@@ -57,7 +57,7 @@ def bare_loop(cfg, packed, vocab_size: int, steps: int, warmup_steps: int) -> tu
     import torch
     import torch.nn.functional as F
 
-    from engine.models import build_causal_lm
+    from engine.models.presets import build_causal_lm
 
     device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
     model = build_causal_lm(cfg.model, vocab_size, seed=cfg.seed).to(device)
@@ -90,8 +90,8 @@ def bare_loop(cfg, packed, vocab_size: int, steps: int, warmup_steps: int) -> tu
 
 
 def timed_train(cfg, run_root: Path) -> tuple[float, float]:
-    """(wall, CPU) seconds of one whole ``engine.pretrain.train`` call in a fresh run directory."""
-    from engine.pretrain import train
+    """(wall, CPU) seconds of one whole ``engine.pretrain.train.train`` call in a fresh run directory."""
+    from engine.pretrain.train import train
 
     for stale in ("checkpoints", "events.jsonl"):
         path = run_root / stale
@@ -103,7 +103,7 @@ def timed_train(cfg, run_root: Path) -> tuple[float, float]:
 
 
 def trainer_loop(cfg, run_root: Path, warmup_steps: int) -> tuple[float, float]:
-    """(wall, CPU) tokens/s of ``engine.pretrain.train`` in steady state.
+    """(wall, CPU) tokens/s of ``engine.pretrain.train.train`` in steady state.
 
     The difference of a ``steps``-step run and a ``warmup_steps``-step run: set-up (model build, data
     open), the final checkpoint and the first steps cancel, leaving exactly the steps the bare loop times.
@@ -121,9 +121,9 @@ def main() -> None:
     import orjson
     import torch
 
-    from engine.embedded import sample_pool_glob
-    from engine.launch import prepare_data, resolve_config
-    from engine.models import count_parameters
+    from engine.data.sample import sample_pool_glob
+    from engine.models.presets import count_parameters
+    from engine.pretrain.launch import prepare_data, resolve_config
     from engine.run_dir import RunDir, atomic_write_json
 
     if args.threads:
@@ -137,8 +137,8 @@ def main() -> None:
     }
     cfg = resolve_config(flags, run, resume=False)
     # A BPE trained on the sample itself (the default when no tokenizer is given).
-    from engine.documents import read_texts
-    from engine.tokenizer import resolve_tokenizer, sample_for_training
+    from engine.data.sources import read_texts
+    from engine.data.tokenizer import resolve_tokenizer, sample_for_training
 
     resolve_tokenizer(None, run.tokenizer_path, sample_for_training(read_texts(sample_pool_glob())),
                       vocab_size=args.vocab_size)
@@ -146,7 +146,7 @@ def main() -> None:
     packed, _ = prepare_data(cfg, run)
     pack_s = time.perf_counter() - t
     vocab = int(packed.header["vocab_size"])
-    from engine.models import build_causal_lm
+    from engine.models.presets import build_causal_lm
 
     params = count_parameters(build_causal_lm(cfg.model, vocab))
     print(f"model {args.size}: {params / 1e6:.1f}M params (vocab {vocab}); {cfg.global_batch_tokens:,} tokens/step "

@@ -11,7 +11,7 @@ import time
 import zstandard
 from _common import pool_shards, record
 
-from engine.documents import ReadTally, SkipCounts, iter_text_records
+from engine.data.sources import ReadTally, SkipCounts, iter_text_records
 
 
 def plain_decompress(path) -> int:

@@ -37,8 +37,8 @@ def topk_peak_bytes(run_dir, manifest) -> int:
 
     import numpy as np
 
-    from engine.select import load_shard_scores, score_file
-    from engine.topk import TopKByWeight, rank_keys
+    from engine.select.stage import load_shard_scores, score_file
+    from engine.select.topk import TopKByWeight, rank_keys
 
     shards = [load_shard_scores(score_file(run_dir, i["label"])) for i in manifest["inputs"]]
     bases = np.cumsum([0] + [s.n_lines for s in shards])
@@ -55,7 +55,7 @@ def topk_peak_bytes(run_dir, manifest) -> int:
 
 def child(args) -> None:
     from engine.run_dir import RunDir
-    from engine.select import SelectConfig, run_select
+    from engine.select.stage import SelectConfig, run_select
 
     shards = pool_shards()[: args.shards]
     config = SelectConfig(
@@ -88,7 +88,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from engine.tokenizer import resolve_tokenizer, training_sample
+    from engine.data.tokenizer import resolve_tokenizer, training_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = Path(tmp) / "tokenizer.json"

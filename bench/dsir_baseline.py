@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine.documents import discover_shards, iter_raw_lines  # noqa: E402
+from engine.data.sources import discover_shards, iter_raw_lines  # noqa: E402
 from engine.run_dir import RunDir, atomic_write_json  # noqa: E402
-from engine.select import load_shard_scores  # noqa: E402
-from engine.selection_writer import WriteJob, output_name, write_selected_shards  # noqa: E402
+from engine.select.stage import load_shard_scores  # noqa: E402
+from engine.select.writer import WriteJob, output_name, write_selected_shards  # noqa: E402
 
 SHARD_KEY, LINE_KEY = "_bench_shard", "_bench_line"
 

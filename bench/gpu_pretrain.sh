@@ -23,7 +23,7 @@ NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
 TOKENIZER=${TOKENIZER:-../shared/tokenizers/gpt-neox-20b/tokenizer.json}
 declare -A MICRO=([410m]=16 [1b]=8 [1.4b]=8 [2.8b]=4 [160m]=32 [llama-0.5b]=16)
 
-DATA=$($PY -c 'from engine.embedded import sample_pool_glob; print(sample_pool_glob())')
+DATA=$($PY -c 'from engine.data.sample import sample_pool_glob; print(sample_pool_glob())')
 TOKARG=()
 [[ -f $TOKENIZER ]] && TOKARG=(--tokenizer "$TOKENIZER")
 COMPILEARG=()

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import POOL, RESULTS, VAL, record  # noqa: E402
 
-from engine.compare import (  # noqa: E402
+from engine.eval.compare import (  # noqa: E402
     composition,
     format_speedup,
     last_eval,
@@ -111,7 +111,7 @@ def save_cost(work: Path, key: str, figures: dict) -> None:
 
 def select_perplexity(scorer_run: str, run: str, runs_dir: str, budget: str, seq_len: int, workers: int) -> None:
     """``select --scorer perplexity``: keep the documents the warmed-up proxy finds least surprising."""
-    import engine.select as select
+    import engine.select.stage as select
     from engine.run_dir import RunDir
 
     config = select.SelectConfig(inputs=(str(POOL),), budget=budget, scorer="perplexity", scorer_run=scorer_run,
@@ -258,7 +258,7 @@ def report(args, work: Path) -> dict:
 
 def bliss_variants(args, work: Path, costs: dict, random_curve, dsir_curve) -> list[dict]:
     """Every BLISS setting tried (``--variants``): its scorer settings, selection cost and result."""
-    from engine.compare import relative_speedup
+    from engine.eval.compare import relative_speedup
 
     out = []
     for run in args.variants:

@@ -77,7 +77,7 @@ class Stage:
 
 def plan(settings: DemoSettings, runs_dir: Path) -> list[Stage]:
     """The demo's stages in order, each with its command line and how to tell it has already run."""
-    from engine.compare import last_eval, stage_done
+    from engine.eval.compare import last_eval, stage_done
 
     scorer = runs_dir / settings.run("scorer")
     common = ["--runs-dir", str(runs_dir)]
@@ -181,7 +181,7 @@ def _quote(arg: str) -> str:
 
 def comparison(settings: DemoSettings, runs_dir: Path) -> dict:
     """The figures the final table shows, also saved to RUNS_DIR/PREFIX-comparison.json."""
-    from engine.compare import composition, last_eval, pretrain_curve, read_manifest, summarise_arms
+    from engine.eval.compare import composition, last_eval, pretrain_curve, read_manifest, summarise_arms
 
     curves = {arm: pretrain_curve(runs_dir / settings.run(f"{arm}-lm")) for arm in ARMS}
     evals = {arm: last_eval(runs_dir / settings.run(f"{arm}-lm")) for arm in ARMS}
@@ -203,7 +203,7 @@ def comparison(settings: DemoSettings, runs_dir: Path) -> dict:
 def print_comparison(result: dict) -> None:
     from rich.table import Table
 
-    from engine.compare import format_speedup, loss_table
+    from engine.eval.compare import format_speedup, loss_table
 
     arms = result["arms"]
     table = Table(title="BLISS vs random: the same tiny model, the same tokens", header_style="bold")
@@ -257,8 +257,8 @@ def _num(value, digits: int = 4) -> str:
 
 
 def _parse_amount(text: str) -> int:
-    from engine.budget import parse_budget
     from engine.errors import UserError
+    from engine.select.budget import parse_budget
 
     try:
         budget = parse_budget(text)
@@ -289,7 +289,7 @@ def demo_command(
     val: Annotated[str | None, Opt("--val", help="Held-out target passages. Default: the embedded narrative set.")] = None,
     force: Annotated[bool, Opt("--force", help="Delete this demo's earlier runs and redo every stage.")] = False,
 ) -> None:
-    from engine.embedded import sample_pool_glob, sample_val_path
+    from engine.data.sample import sample_pool_glob, sample_val_path
     from engine.errors import UserError
     from engine.run_dir import atomic_write_json
 

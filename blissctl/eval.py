@@ -27,9 +27,9 @@ def eval_command(
     batch: Annotated[int, Opt("--batch", help="Windows per forward pass.")] = 8,
     device: Annotated[str, Opt("--device", help="auto, cuda or cpu.")] = "auto",
 ) -> None:
-    from engine.checkpoints import resolve_checkpoint, run_dir_of
     from engine.errors import UserError
-    from engine.evaluate import evaluate_checkpoint
+    from engine.eval.evaluate import evaluate_checkpoint
+    from engine.models.checkpoints import resolve_checkpoint, run_dir_of
     from engine.run_dir import RunDir
 
     if checkpoint is None:

@@ -1,7 +1,7 @@
 """Pretrain a Pythia-family model (or LLaMA-0.5B) from scratch on a selected subset, under torchrun.
 
 Tokenises --data once into packed sequences in the run directory, freezes the config, then runs
-`torchrun ... -m engine.pretrain_worker` (DDP; FSDP with --fsdp, the default from 1b up). Checkpoints
+`torchrun ... -m engine.pretrain.worker` (DDP; FSDP with --fsdp, the default from 1b up). Checkpoints
 every --save-every steps; --resume continues exactly where the last one left off.
 
 Example: blissctl pretrain --data runs/c4-bliss/selected --size 410m --nproc-per-node 8 --run pythia-410m
@@ -53,7 +53,7 @@ def pretrain_command(
     dry_run: Annotated[bool, Opt("--dry-run", help="Print the torchrun command and settings; write nothing.")] = False,
 ) -> None:
     from engine.errors import UserError
-    from engine.launch import (
+    from engine.pretrain.launch import (
         config_path,
         finalise_steps,
         format_command,

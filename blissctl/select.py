@@ -68,9 +68,9 @@ def select_command(
     force: Annotated[bool, typer.Option(help="Discard an earlier selection of this run and start again.")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("runs"),
 ) -> None:
-    from engine.distributed import barrier, init_ranks, shutdown
     from engine.run_dir import RunDir
-    from engine.select import STAGE, SelectConfig, run_select
+    from engine.runtime import barrier, init_ranks, shutdown
+    from engine.select.stage import STAGE, SelectConfig, run_select
 
     if resume and force:
         fail("--resume and --force contradict each other: choose one")

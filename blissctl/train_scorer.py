@@ -56,9 +56,9 @@ def train_scorer_command(
 ) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from engine.embedded import sample_pool_glob, sample_val_path
+    from engine.bliss.train import TrainScorerConfig, run_train_scorer
+    from engine.data.sample import sample_pool_glob, sample_val_path
     from engine.run_dir import RunDir
-    from engine.train_scorer import TrainScorerConfig, run_train_scorer
 
     config = TrainScorerConfig(
         train=tuple(train) if train else (sample_pool_glob(),), val=val or str(sample_val_path()), proxy=proxy,

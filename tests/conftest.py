@@ -60,7 +60,7 @@ def write_shard(path: Path, records: list, *, frames: int = 1) -> Path:
 @pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory) -> Path:
     """A 1,024-token BPE trained once on synthetic text (training the default 8k one takes seconds)."""
-    from engine.tokenizer import train_bpe_tokenizer
+    from engine.data.tokenizer import train_bpe_tokenizer
 
     texts = [r["text"] for r in make_records(400, seed=99)]
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"

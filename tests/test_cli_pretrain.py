@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from blissctl.cli import app
-from engine.embedded import sample_pool_glob, sample_val_path
+from engine.data.sample import sample_pool_glob, sample_val_path
 from tests.conftest import make_records, write_shard
 
 runner = CliRunner()
@@ -36,7 +36,7 @@ def test_two_process_torchrun_pretrain_on_the_embedded_sample_then_eval(tmp_path
     ]
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "--nproc-per-node 2 -m engine.pretrain_worker" in done.stdout
+    assert "--nproc-per-node 2 -m engine.pretrain.worker" in done.stdout
     run = tmp_path / "ddp"
     events = events_of(run)
     start = next(e for e in events if e["kind"] == "start")
@@ -65,12 +65,12 @@ def test_dry_run_prints_the_multi_node_torchrun_command_and_writes_nothing(tmp_p
         "--rdzv-endpoint", "node0:29500", "--runs-dir", str(tmp_path), "--run", "big", "--dry-run",
     ])
     assert result.exit_code == 0, result.output
-    command = next(line for line in result.output.splitlines() if "engine.pretrain_worker" in line)
+    command = next(line for line in result.output.splitlines() if "engine.pretrain.worker" in line)
     argv = shlex.split(command)
     assert Path(argv[0]).name == "torchrun"
     joined = " ".join(argv[1:])
     assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint node0:29500 --rdzv-id blissctl-big" in joined
-    assert "--nproc-per-node 8 -m engine.pretrain_worker --config" in joined
+    assert "--nproc-per-node 8 -m engine.pretrain.worker --config" in joined
     assert argv[-1] == str(tmp_path / "big" / "pretrain_config.json")
     assert "FSDP" in result.output and "16 process(es)" in result.output  # 1b shards by default
     assert "lr 0.0003" in result.output and "2,097,152 tokens/step" in result.output  # the Pythia preset
@@ -114,7 +114,7 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 
 
 def test_resume_refuses_settings_that_would_change_the_run(tmp_path):
-    from engine.launch import resolve_config, write_frozen_config
+    from engine.pretrain.launch import resolve_config, write_frozen_config
     from engine.run_dir import RunDir
 
     run = RunDir(tmp_path / "r")
@@ -138,7 +138,7 @@ def test_eval_errors_are_one_line(tmp_path):
 
 
 def test_select_output_brings_its_tokenizer(tmp_path, small_tokenizer):
-    from engine.launch import resolve_config, resolve_run_tokenizer
+    from engine.pretrain.launch import resolve_config, resolve_run_tokenizer
     from engine.run_dir import RunDir
 
     selected = tmp_path / "runs" / "sel" / "selected"
@@ -153,7 +153,7 @@ def test_select_output_brings_its_tokenizer(tmp_path, small_tokenizer):
 
 
 def test_ctrl_c_is_forwarded_to_torchrun_once_and_reported(tmp_path):
-    from engine.launch import run_forwarding_signals
+    from engine.pretrain.launch import run_forwarding_signals
 
     marker = tmp_path / "got-sigint"
     child = (
@@ -188,8 +188,8 @@ def test_fsdp_on_two_ranks_stops_resumes_and_matches_a_single_process_run(tmp_pa
     assert "resumed from" in second.stdout
 
     # The same 4 steps in one process (2 micro-batches instead of 2 ranks read the same sequences).
-    from engine.launch import prepare_data, resolve_config
-    from engine.pretrain import train
+    from engine.pretrain.launch import prepare_data, resolve_config
+    from engine.pretrain.train import train
     from engine.run_dir import RunDir
 
     run = RunDir(tmp_path / "single")
@@ -212,7 +212,7 @@ def test_fsdp_on_two_ranks_stops_resumes_and_matches_a_single_process_run(tmp_pa
 def test_without_a_tokenizer_one_is_trained_on_the_data_and_saved_in_the_run(tmp_path):
     from tokenizers import Tokenizer
 
-    from engine.launch import resolve_config, resolve_run_tokenizer
+    from engine.pretrain.launch import resolve_config, resolve_run_tokenizer
     from engine.run_dir import RunDir
 
     shard = write_shard(tmp_path / "train.jsonl", make_records(200, seed=4))

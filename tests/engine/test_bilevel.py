@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from engine import bilevel
-from engine.models import build_causal_lm, pythia_tiny
-from engine.score_model import ScoreModel
+from engine.bliss import bilevel
+from engine.bliss.score_model import ScoreModel
+from engine.models.presets import build_causal_lm, pythia_tiny
 
 VOCAB = 128
 

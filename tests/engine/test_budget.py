@@ -1,7 +1,7 @@
 import pytest
 
-from engine.budget import parse_budget
 from engine.errors import UserError
+from engine.select.budget import parse_budget
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from engine.compare import (
+from engine.eval.compare import (
     composition,
     kept_fraction_by_source,
     last_eval,

@@ -7,7 +7,7 @@ import gzip
 import orjson
 import pytest
 
-from engine.documents import SkipCounts, discover_shards, iter_raw_lines, read_documents, shard_labels
+from engine.data.sources import SkipCounts, discover_shards, iter_raw_lines, read_documents, shard_labels
 from engine.errors import CorruptInputError, UserError
 from tests.conftest import make_records, write_shard
 
@@ -116,7 +116,7 @@ def test_empty_folder_is_an_error(tmp_path):
 
 def test_select_reader_agrees_with_read_documents(tmp_path):
     """select's reader must see the same documents, lines, sources and skips as read_documents."""
-    from engine.documents import ReadTally, iter_text_records
+    from engine.data.sources import ReadTally, iter_text_records
 
     good = [orjson.dumps(r) for r in make_records(2000, seed=4)]
     bad = [b'{"text": broken', b"", b'{"text": 1}', b'{"text": "\xff"}', b"   ", b'{"text": "x", "source": 5}',

@@ -7,9 +7,9 @@ import orjson
 import pytest
 from tokenizers import Tokenizer
 
+from engine.data.packing import open_packed, pack_split, token_dtype, tokenize_text_stream
+from engine.data.tokenizer import end_of_text_id
 from engine.errors import UserError
-from engine.packing import open_packed, pack_split, token_dtype, tokenize_text_stream
-from engine.tokenizer import end_of_text_id
 from tests.conftest import make_records, write_shard
 
 

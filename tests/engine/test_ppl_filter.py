@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from engine.ppl_filter import PerplexityScorer, find_warmup_checkpoint
-from engine.scorers import ShardBatch
+from engine.select.scorers.base import ShardBatch
+from engine.select.scorers.perplexity import PerplexityScorer, find_warmup_checkpoint
 from tests.conftest import make_records, write_shard
 
 FAMILIAR = "The cat sat on the mat and the dog sat on the log. " * 6
@@ -18,9 +18,9 @@ FAMILIAR = "The cat sat on the mat and the dog sat on the log. " * 6
 @pytest.fixture
 def scorer_run(tmp_path, small_tokenizer):
     """A train-scorer-like run whose warm-up checkpoint has learned FAMILIAR by heart."""
-    from engine.bilevel import lm_logits, sequence_losses
-    from engine.models import build_causal_lm, model_preset
-    from engine.tokenizer import load_tokenizer
+    from engine.bliss.bilevel import lm_logits, sequence_losses
+    from engine.data.tokenizer import load_tokenizer
+    from engine.models.presets import build_causal_lm, model_preset
 
     run = tmp_path / "runs" / "scorer"
     (run / "checkpoints").mkdir(parents=True)
@@ -43,7 +43,7 @@ def scorer_run(tmp_path, small_tokenizer):
 
 def test_scores_are_inverse_perplexity_and_familiar_text_wins(scorer_run):
     scorer = PerplexityScorer.load("scorer", scorer_run.parent, batch_size=2)
-    from engine.tokenizer import load_tokenizer
+    from engine.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(scorer.tokenizer_path)
     salad = " ".join(r["text"] for r in make_records(3, seed=5))
@@ -63,7 +63,7 @@ def test_scores_are_inverse_perplexity_and_familiar_text_wins(scorer_run):
 
 
 def test_select_keeps_the_lowest_perplexity_documents(scorer_run, tmp_path):
-    import engine.select as select
+    import engine.select.stage as select
     from engine.run_dir import RunDir
 
     salad = make_records(20, seed=7)

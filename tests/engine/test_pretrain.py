@@ -9,12 +9,18 @@ import numpy as np
 import orjson
 import pytest
 
-from engine.checkpoints import latest_checkpoint, list_checkpoints, load_pretrained_model, resolve_checkpoint
 from engine.errors import UserError
-from engine.evaluate import eval_windows, evaluate_checkpoint
-from engine.launch import prepare_data, resolve_config
-from engine.models import ModelConfig, build_causal_lm, model_preset
-from engine.pretrain import (
+from engine.eval.evaluate import eval_windows, evaluate_checkpoint
+from engine.models.checkpoints import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_pretrained_model,
+    resolve_checkpoint,
+)
+from engine.models.presets import ModelConfig, build_causal_lm, model_preset
+from engine.pretrain.launch import prepare_data, resolve_config
+from engine.pretrain.schedule import lr_multiplier, warmup_steps
+from engine.pretrain.train import (
     PretrainConfig,
     SequenceOrder,
     flops_per_token,
@@ -26,7 +32,6 @@ from engine.pretrain import (
     transformer_blocks,
 )
 from engine.run_dir import RunDir
-from engine.schedule import lr_multiplier, warmup_steps
 from tests.conftest import make_records, write_shard
 
 
@@ -222,7 +227,7 @@ def test_evaluating_a_checkpoint_reports_loss_perplexity_and_bits_per_byte(tmp_p
 
 
 def test_config_round_trips_through_the_frozen_file(tmp_path, corpus_files, small_tokenizer):
-    from engine.launch import read_frozen_config, write_frozen_config
+    from engine.pretrain.launch import read_frozen_config, write_frozen_config
 
     cfg = prepared_run(tmp_path, corpus_files, small_tokenizer)
     path = write_frozen_config(RunDir(tmp_path / "run"), cfg)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.bliss_scorer import BlissScorer, chunk_document
+from engine.bliss.score_model import ScoreModel, load_score_model, save_score_model
+from engine.data.tokenizer import train_bpe_tokenizer
 from engine.errors import UserError
-from engine.models import build_causal_lm, pythia_tiny
+from engine.models.presets import build_causal_lm, pythia_tiny
 from engine.run_dir import RunDir, atomic_write_bytes
-from engine.score_model import ScoreModel, load_score_model, save_score_model
-from engine.scorers import ShardBatch
-from engine.tokenizer import train_bpe_tokenizer
+from engine.select.scorers.base import ShardBatch
+from engine.select.scorers.bliss import BlissScorer, chunk_document
 
 VOCAB = 512
 

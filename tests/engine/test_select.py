@@ -10,11 +10,11 @@ import orjson
 import pytest
 import zstandard
 
-from engine.documents import iter_raw_lines
+from engine.data.sources import iter_raw_lines
+from engine.data.workers import TokenizeSpec, count_and_truncate
 from engine.errors import UserError
-from engine.read_pipeline import TokenizeSpec, count_and_truncate
 from engine.run_dir import RunDir
-from engine.select import SelectConfig, load_shard_scores, run_select, score_file
+from engine.select.stage import SelectConfig, load_shard_scores, run_select, score_file
 from tests.conftest import PYTHIA_TOKENIZER, make_records, write_shard
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.topk import TopKByWeight, descending_score_bits, rank_keys
+from engine.select.topk import TopKByWeight, descending_score_bits, rank_keys
 
 
 def full_sort_selection(scores, weights, budget):

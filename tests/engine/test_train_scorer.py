@@ -18,19 +18,19 @@ import torch
 from typer.testing import CliRunner
 
 from blissctl.cli import app
-from engine.documents import read_texts
-from engine.embedded import sample_val_path
-from engine.errors import UserError
-from engine.run_dir import RunDir
-from engine.score_model import load_score_model
-from engine.tokenizer import load_tokenizer, train_bpe_tokenizer
-from engine.train_scorer import (
+from engine.bliss.score_model import load_score_model
+from engine.bliss.train import (
     DocumentStream,
     TrainScorerConfig,
     make_encoder,
     run_train_scorer,
     score_documents,
 )
+from engine.data.sample import sample_val_path
+from engine.data.sources import read_texts
+from engine.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from engine.errors import UserError
+from engine.run_dir import RunDir
 
 
 def _shuffled_characters(text: str, rng: random.Random) -> str:
@@ -210,9 +210,9 @@ def test_document_stream_resumes_at_its_position(toy):
 
 
 def _fake_pretrain_run(root, vocab_size: int, tokenizer_path) -> str:
-    """A pretraining run directory with one checkpoint, in the format ``engine.checkpoints`` writes."""
-    from engine.checkpoints import write_checkpoint
-    from engine.models import build_causal_lm, pythia_tiny
+    """A pretraining run directory with one checkpoint, in the format ``engine.models.checkpoints`` writes."""
+    from engine.models.checkpoints import write_checkpoint
+    from engine.models.presets import build_causal_lm, pythia_tiny
 
     model = build_causal_lm(pythia_tiny(), vocab_size, seed=5)
     write_checkpoint(root / "checkpoints", 10, model_state=model.state_dict(), optimizer_state={},

@@ -1,6 +1,6 @@
-"""The process ``torchrun`` starts on every rank: ``python -m engine.pretrain_worker --config FILE``.
+"""The process ``torchrun`` starts on every rank: ``python -m engine.pretrain.worker --config FILE``.
 
-Reads the frozen config written by ``blissctl pretrain`` and runs ``engine.pretrain.train``. A
+Reads the frozen config written by ``blissctl pretrain`` and runs ``engine.pretrain.train.train``. A
 ``UserError`` becomes one line on stderr (from rank 0) and exit status 2; Ctrl-C (forwarded by
 torchrun) exits 130, keeping the last checkpoint.
 """
@@ -13,15 +13,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.pretrain_worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m engine.pretrain.worker", description=__doc__)
     parser.add_argument("--config", required=True, help="pretrain_config.json written by blissctl pretrain")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
     args = parser.parse_args(argv)
 
     from engine.errors import UserError
-    from engine.launch import read_frozen_config
-    from engine.pretrain import setup_runtime, teardown_runtime, train
+    from engine.pretrain.launch import read_frozen_config
+    from engine.pretrain.train import setup_runtime, teardown_runtime, train
 
     rank = int(os.environ.get("RANK", 0))
     runtime = None

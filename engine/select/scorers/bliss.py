@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.batching import collate
+from engine.bliss.score_model import ScoreModel, load_score_model
+from engine.data.collate import collate
 from engine.errors import UserError
 from engine.run_dir import file_sha256
-from engine.score_model import ScoreModel, load_score_model
-from engine.scorers import ShardBatch
+from engine.select.scorers.base import ShardBatch
 
 SCORE_MODEL_FILE = "score-model.pt"
 MAX_LENGTH_SPREAD = 1.5
@@ -63,7 +63,7 @@ def chunk_document(tokens: np.ndarray, seq_len: int, chunks: int) -> list[np.nda
 
 
 class BlissScorer:
-    """The trained score model as a ``select`` scorer (satisfies ``engine.scorers.Scorer``)."""
+    """The trained score model as a ``select`` scorer (satisfies ``engine.select.scorers.base.Scorer``)."""
 
     name = "bliss"
     needs_tokens = True

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.documents import ReadTally, SkipCounts, iter_text_records
+from engine.data.sources import ReadTally, SkipCounts, iter_text_records
 from engine.errors import UserError
 
 CHARS_PER_TOKEN_CAP = 6

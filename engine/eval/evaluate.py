@@ -125,11 +125,11 @@ def evaluate_checkpoint(
     import torch
     from tokenizers import Tokenizer
 
-    from engine.checkpoints import load_pretrained_model, read_meta, resolve_checkpoint
-    from engine.documents import read_texts
+    from engine.data.packing import tokenize_text_stream
+    from engine.data.sources import read_texts
+    from engine.data.tokenizer import end_of_text_id
     from engine.errors import UserError
-    from engine.packing import tokenize_text_stream
-    from engine.tokenizer import end_of_text_id
+    from engine.models.checkpoints import load_pretrained_model, read_meta, resolve_checkpoint
 
     folder = resolve_checkpoint(checkpoint)
     meta = read_meta(folder)

@@ -23,18 +23,18 @@ import numpy as np
 import orjson
 
 from engine import __version__
-from engine.budget import Budget, parse_budget
-from engine.distributed import Ranks, all_gather, barrier, broadcast, init_ranks
-from engine.documents import SkipCounts, discover_shards, shard_labels
-from engine.embedded import sample_pool_glob
+from engine.data.sample import sample_pool_glob
+from engine.data.sources import SkipCounts, discover_shards, shard_labels
+from engine.data.tokenizer import DEFAULT_VOCAB_SIZE, resolve_tokenizer, training_sample
+from engine.data.workers import DocBatch, ShardDone, ShardFailed, ShardJob, ShardPipeline, TokenizeSpec
 from engine.errors import UserError
-from engine.hashing import document_gumbels
-from engine.read_pipeline import DocBatch, ShardDone, ShardFailed, ShardJob, ShardPipeline, TokenizeSpec
 from engine.run_dir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_with
-from engine.scorers import RandomScorer, Scorer, ShardBatch
-from engine.selection_writer import WriteJob, output_name, write_selected_shards
-from engine.tokenizer import DEFAULT_VOCAB_SIZE, resolve_tokenizer, training_sample
-from engine.topk import TopKByWeight, rank_keys
+from engine.runtime import Ranks, all_gather, barrier, broadcast, init_ranks
+from engine.select.budget import Budget, parse_budget
+from engine.select.noise import document_gumbels
+from engine.select.scorers.base import RandomScorer, Scorer, ShardBatch
+from engine.select.topk import TopKByWeight, rank_keys
+from engine.select.writer import WriteJob, output_name, write_selected_shards
 
 STAGE = "select"
 HISTOGRAM_EDGES = np.round(np.linspace(0.0, 1.0, 51), 6)
@@ -209,13 +209,13 @@ def build_scorer(config: SelectConfig) -> Scorer:
     if config.scorer == "random":
         return RandomScorer(seed=config.seed, max_tokens=config.seq_len or RANDOM_SCORER_SEQ_LEN)
     if config.scorer == "perplexity":
-        from engine.ppl_filter import PerplexityScorer
+        from engine.select.scorers.perplexity import PerplexityScorer
 
         return PerplexityScorer.load(
             config.scorer_run, Path(config.runs_dir), seq_len=config.seq_len, batch_size=config.batch_size,
             device=config.device,
         )
-    from engine.bliss_scorer import BlissScorer
+    from engine.select.scorers.bliss import BlissScorer
 
     return BlissScorer.load(
         config.scorer_run, Path(config.runs_dir), device=config.device, seq_len=config.seq_len,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from engine.documents import iter_raw_lines
+from engine.data.sources import iter_raw_lines
 from engine.run_dir import atomic_write_with
 
 ZSTD_LEVEL = 3

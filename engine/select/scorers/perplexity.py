@@ -6,7 +6,7 @@ beyond "the proxy already predicts this text well"? The scorer loads the proxy t
 saved after its warm-up on random data (``checkpoints/proxy-warmup.pt``), with the run's tokenizer, and
 scores each document by exp(−mean next-token NLL) of its first ``seq_len`` tokens: 1/perplexity, in
 (0, 1], so that ``select``'s top-k under the budget keeps the lowest-perplexity documents and its score
-histogram stays readable. It satisfies ``engine.scorers.Scorer``.
+histogram stays readable. It satisfies ``engine.select.scorers.base.Scorer``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.batching import collate
+from engine.data.collate import collate
 from engine.errors import UserError
 from engine.run_dir import file_sha256
-from engine.scorers import ShardBatch
+from engine.select.scorers.base import ShardBatch
 
 WARMUP_FILE = "proxy-warmup.pt"
 
@@ -58,8 +58,8 @@ class PerplexityScorer:
     @classmethod
     def load(cls, source: str | Path, runs_dir: Path | str = "runs", *, seq_len: int | None = None,
              batch_size: int = 64, device: str = "cpu") -> PerplexityScorer:
-        from engine.models import build_causal_lm, model_preset, with_max_seq_len
-        from engine.tokenizer import PADDING, end_of_text_id, load_tokenizer
+        from engine.data.tokenizer import PADDING, end_of_text_id, load_tokenizer
+        from engine.models.presets import build_causal_lm, model_preset, with_max_seq_len
 
         checkpoint = find_warmup_checkpoint(source, runs_dir)
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -79,7 +79,7 @@ class PerplexityScorer:
     @torch.inference_mode()
     def mean_nll(self, pieces: list[np.ndarray]) -> np.ndarray:
         """float64 (N,): mean next-token NLL of each token sequence; NaN for one with fewer than 2 tokens."""
-        from engine.bilevel import lm_logits, sequence_losses
+        from engine.bliss.bilevel import lm_logits, sequence_losses
 
         out = np.full(len(pieces), np.nan)
         order = np.argsort([len(p) for p in pieces], kind="stable")  # similar lengths share a batch

@@ -30,15 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import bilevel
-from engine.batching import collate
-from engine.documents import SkipCounts, discover_shards, read_documents
+from engine.bliss import bilevel
+from engine.bliss.score_model import ScoreModel, save_score_model
+from engine.data.collate import collate
+from engine.data.sources import SkipCounts, discover_shards, read_documents
+from engine.data.tokenizer import PADDING, end_of_text_id, resolve_tokenizer, training_sample
 from engine.errors import UserError
-from engine.models import build_causal_lm, count_parameters, model_preset, with_max_seq_len
+from engine.models.presets import build_causal_lm, count_parameters, model_preset, with_max_seq_len
+from engine.pretrain.schedule import lr_multiplier, warmup_steps
 from engine.run_dir import RunDir, atomic_write_with
-from engine.schedule import lr_multiplier, warmup_steps
-from engine.score_model import ScoreModel, save_score_model
-from engine.tokenizer import PADDING, end_of_text_id, resolve_tokenizer, training_sample
 
 STATE_FILE = "train-scorer-state.pt"
 SCORE_MODEL_FILE = "score-model.pt"
@@ -293,7 +293,7 @@ def tokenised_documents(paths: Sequence[Path], encode, limit: int, skips: SkipCo
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup_fraction: float, min_ratio: float) -> float:
-    """The pretraining schedule (``engine.schedule``) as an absolute rate: warm-up, then cosine to min_ratio·peak."""
+    """The pretraining schedule (``engine.pretrain.schedule``) as an absolute rate: warm-up, then cosine to min_ratio·peak."""
     return peak * lr_multiplier(step, total_steps=total, warmup=warmup_steps(total, warmup_fraction), min_ratio=min_ratio)
 
 
@@ -335,7 +335,7 @@ def load_target(path: str, device: torch.device) -> tuple[torch.nn.Module, Path 
         model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True)
         tokenizer_path = p / "tokenizer.json" if (p / "tokenizer.json").is_file() else None
     else:
-        from engine.checkpoints import load_pretrained_model
+        from engine.models.checkpoints import load_pretrained_model
 
         model, tokenizer_path = load_pretrained_model(p)
         tokenizer_path = Path(tokenizer_path) if tokenizer_path and Path(tokenizer_path).is_file() else None
@@ -344,7 +344,7 @@ def load_target(path: str, device: torch.device) -> tuple[torch.nn.Module, Path 
 
 
 def check_target_vocab(target: torch.nn.Module, vocab_size: int, path: str) -> None:
-    from engine.models import padded_vocab_size
+    from engine.models.presets import padded_vocab_size
 
     if target.config.vocab_size != padded_vocab_size(vocab_size):
         raise UserError(

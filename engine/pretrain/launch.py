@@ -4,7 +4,7 @@ Runs in the user's process, once per node. It freezes the config into
 ``runs/<name>/pretrain_config.json`` so the ``torchrun`` command line stays short (and printable with
 ``--dry-run``), tokenises and packs the data once (worker processes, idempotent), then runs
 
-    torchrun --standalone --nproc-per-node N -m engine.pretrain_worker --config runs/<name>/pretrain_config.json
+    torchrun --standalone --nproc-per-node N -m engine.pretrain.worker --config runs/<name>/pretrain_config.json
 
 forwarding Ctrl-C to it. Several nodes: ``--nnodes`` with ``--rdzv-endpoint HOST:PORT`` (c10d
 rendezvous, ranks assigned on arrival) or additionally ``--node-rank`` (static rendezvous, fixed ranks).
@@ -24,11 +24,11 @@ from typing import Any
 import orjson
 
 from engine.errors import UserError
-from engine.pretrain import PretrainConfig, preset_training_defaults
+from engine.pretrain.train import PretrainConfig, preset_training_defaults
 from engine.run_dir import RunDir, atomic_write_json, config_to_dict
 
 CONFIG_NAME = "pretrain_config.json"
-WORKER_MODULE = "engine.pretrain_worker"
+WORKER_MODULE = "engine.pretrain.worker"
 
 FROZEN_ON_RESUME = ("size", "seq_len", "lr", "global_batch_tokens", "seed", "data", "tokenizer",
                     "warmup_frac", "weight_decay", "min_lr_ratio")
@@ -81,7 +81,7 @@ def resolve_config(flags: dict[str, Any], run: RunDir, *, resume: bool) -> Pretr
         if not given.get("data"):
             raise UserError("--data is required: a select output (runs/NAME/selected) or JSONL shards")
         size = given.get("size", "160m")
-        from engine.models import model_preset
+        from engine.models.presets import model_preset
 
         preset = model_preset(size)  # one-line error for an unknown size
         seq_len = given.get("seq_len", 2048)
@@ -89,7 +89,7 @@ def resolve_config(flags: dict[str, Any], run: RunDir, *, resume: bool) -> Pretr
     merged["data"] = tuple(merged["data"]) if merged.get("data") else ()
     merged["run_dir"] = str(run.root)
     config = PretrainConfig(**merged)
-    from engine.documents import discover_shards
+    from engine.data.sources import discover_shards
 
     discover_shards(list(config.data))  # a missing input is a one-line error now, not after minutes
     if config.val:
@@ -123,8 +123,8 @@ def selected_folder_tokenizer(data: tuple[str, ...]) -> Path | None:
 def resolve_run_tokenizer(config: PretrainConfig, run: RunDir) -> Path:
     """The run's tokenizer, saved at ``runs/<name>/tokenizer.json``: ``--tokenizer``, else the select
     run's, else the one already saved, else a BPE trained on the training data."""
-    from engine.documents import discover_shards
-    from engine.tokenizer import resolve_tokenizer, training_sample
+    from engine.data.sources import discover_shards
+    from engine.data.tokenizer import resolve_tokenizer, training_sample
 
     spec = config.tokenizer or selected_folder_tokenizer(config.data)
     if spec is None and run.tokenizer_path.exists():
@@ -138,7 +138,7 @@ def resolve_run_tokenizer(config: PretrainConfig, run: RunDir) -> Path:
 
 def prepare_data(config: PretrainConfig, run: RunDir, *, workers: int | None = None, progress=None):
     """Tokenise and pack ``--data`` (and ``--val``) into ``runs/<name>/data/``; returns (train, val)."""
-    from engine.packing import pack_split
+    from engine.data.packing import pack_split
 
     tokenizer_path = resolve_run_tokenizer(config, run)
     data_dir = run.root / "data"
@@ -178,7 +178,7 @@ def torchrun_command(
     stop_after: int | None = None,
     launcher: list[str] | None = None,
 ) -> list[str]:
-    """The ``torchrun`` argv that starts ``engine.pretrain_worker`` on this node."""
+    """The ``torchrun`` argv that starts ``engine.pretrain.worker`` on this node."""
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     if nnodes < 1:
@@ -213,7 +213,7 @@ def format_command(cmd: list[str]) -> str:
 def worker_environment() -> dict[str, str]:
     """This environment, with the project importable by the workers wherever they start."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding engine/
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env

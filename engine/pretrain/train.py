@@ -1,6 +1,6 @@
 """Pretraining a Pythia-family (or LLaMA-0.5B) model from scratch on packed tokens.
 
-``train(config)`` is the loop every rank runs under ``torchrun`` (``engine.pretrain_worker``); it also
+``train(config)`` is the loop every rank runs under ``torchrun`` (``engine.pretrain.worker``); it also
 runs in-process (one rank, no process group) for tests. One flat loop, nanoGPT style:
 
     while True:
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import UserError
-from engine.models import PRESETS, ModelConfig, model_preset, with_max_seq_len
+from engine.models.presets import PRESETS, ModelConfig, model_preset, with_max_seq_len
 
 # Pythia trained every size with 1024 sequences × 2048 tokens (~2M tokens) a step. Micro-batches are
 # per-GPU sizes that fit an 80–141 GB accelerator in bf16 at 2048 tokens.
@@ -367,12 +367,12 @@ def train(config: PretrainConfig, *, resume: bool = False, stop_after: int | Non
         set_optimizer_state_dict,
     )
 
-    from engine import checkpoints as ckpts
-    from engine.evaluate import summed_nll
-    from engine.models import build_causal_lm, count_parameters
-    from engine.packing import open_packed
+    from engine.data.packing import open_packed
+    from engine.eval.evaluate import summed_nll
+    from engine.models import checkpoints as ckpts
+    from engine.models.presets import build_causal_lm, count_parameters
+    from engine.pretrain.schedule import CosineWithWarmup
     from engine.run_dir import RunDir, config_to_dict
-    from engine.schedule import CosineWithWarmup
 
     rt = runtime or setup_runtime(config.device)
     run = RunDir(Path(config.run_dir))

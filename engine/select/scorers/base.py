@@ -2,7 +2,7 @@
 
 A scorer sees batches of documents from one shard and returns one float per document; higher means
 keep. Workers tokenise only what a scorer will look at (``max_tokens``), and ship token ids only when
-``needs_tokens`` is set. The BLISS score model implements the same interface (``engine.bliss_scorer``).
+``needs_tokens`` is set. The BLISS score model implements the same interface (``engine.select.scorers.bliss``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engine.hashing import document_uniforms
+from engine.select.noise import document_uniforms
 
 
 @dataclass(frozen=True, slots=True)

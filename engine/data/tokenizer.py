@@ -59,7 +59,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SI
 def training_sample(shards: Sequence[Path], max_chars: int = TRAINING_SAMPLE_CHARS) -> Iterator[str]:
     """Texts for a default tokenizer: an equal share of ``max_chars`` from every shard, so that the
     vocabulary reflects the whole pool rather than its first files."""
-    from engine.documents import read_documents
+    from engine.data.sources import read_documents
 
     per_shard = max(1, max_chars // max(1, len(shards)))
     for path in shards:

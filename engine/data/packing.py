@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from engine.documents import SkipCounts, discover_shards, read_documents
+from engine.data.sources import SkipCounts, discover_shards, read_documents
 from engine.errors import UserError
 from engine.run_dir import atomic_write_json, atomic_write_with, file_sha256
 
@@ -178,7 +178,7 @@ def pack_split(
     """
     from tokenizers import Tokenizer
 
-    from engine.tokenizer import end_of_text_id
+    from engine.data.tokenizer import end_of_text_id
 
     shards = discover_shards(sources)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -255,7 +255,7 @@ def pack_split(
 
 def tokenize_text_stream(texts: Sequence[str], tokenizer, *, leading_eot: bool = True) -> tuple[np.ndarray, int]:
     """Token ids of ``texts`` packed like ``pack_split`` does, and their UTF-8 byte count (in-process)."""
-    from engine.tokenizer import end_of_text_id
+    from engine.data.tokenizer import end_of_text_id
 
     eot_id = end_of_text_id(tokenizer)
     ids: list[int] = [eot_id] if leading_eot else []

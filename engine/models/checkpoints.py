@@ -28,7 +28,7 @@ import numpy as np
 import orjson
 
 from engine.errors import UserError
-from engine.models import ModelConfig
+from engine.models.presets import ModelConfig
 from engine.run_dir import atomic_write_bytes
 
 LATEST = "latest"
@@ -183,7 +183,7 @@ def load_pretrained_model(checkpoint_path: str | os.PathLike, *, device: str = "
     """
     import torch
 
-    from engine.models import build_causal_lm
+    from engine.models.presets import build_causal_lm
 
     checkpoint = resolve_checkpoint(checkpoint_path)
     meta = read_meta(checkpoint)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from engine.errors import UserError
-from engine.models import ModelConfig, hf_config, model_preset, with_max_seq_len
+from engine.models.presets import ModelConfig, hf_config, model_preset, with_max_seq_len
 
 ARTIFACT_FORMAT = "blissctl.score-model/1"
 
