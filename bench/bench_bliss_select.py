@@ -82,17 +82,19 @@ def main() -> None:
     import torch
     from _common import record
 
-    from engine.bliss.score_model import ScoreModel, save_score_model
-    from engine.bliss.train import make_encoder
+    from engine.bliss.artifacts import save_score_model
+    from engine.bliss.score_model import ScoreModel
     from engine.data.collate import collate
     from engine.data.sample import sample_pool_glob
     from engine.data.sources import read_texts
-    from engine.data.tokenizer import load_tokenizer, train_bpe_tokenizer
-    from engine.models.presets import build_causal_lm, model_preset, with_max_seq_len
+    from engine.data.tokenizer import load_tokenizer, prefix_encoder, train_bpe_tokenizer
+    from engine.models.families import build_causal_lm
+    from engine.models.presets import model_preset, with_max_seq_len
     from engine.run_dir import RunDir, atomic_write_bytes
+    from engine.select.config import SelectConfig
     from engine.select.scorers.base import ShardBatch
     from engine.select.scorers.bliss import BlissScorer
-    from engine.select.stage import SelectConfig, run_select
+    from engine.select.stage import run_select
 
     torch.set_num_threads(args.threads)
     budget_share = float(args.budget.rstrip("%")) / 100
@@ -117,7 +119,7 @@ def main() -> None:
                          seq_len=args.seq_len, pad_id=1)
 
         # 2. forward only, on batches made before the clock starts
-        tokens = make_encoder(load_tokenizer(scorer_run.tokenizer_path), args.seq_len)(texts)
+        tokens = prefix_encoder(load_tokenizer(scorer_run.tokenizer_path), args.seq_len)(texts)
         batches = [collate(tokens[i : i + args.batch_size], 1, "cpu") for i in range(0, len(tokens), args.batch_size)]
         start = time.perf_counter()
         with torch.inference_mode():

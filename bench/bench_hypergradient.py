@@ -50,7 +50,8 @@ def child(args) -> None:
 
     from engine.bliss import bilevel
     from engine.bliss.score_model import ScoreModel
-    from engine.models.presets import build_causal_lm, model_preset, with_max_seq_len
+    from engine.models.families import build_causal_lm
+    from engine.models.presets import model_preset, with_max_seq_len
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

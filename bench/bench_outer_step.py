@@ -43,9 +43,12 @@ def main() -> None:
     from _common import record
 
     from engine.bliss import bilevel
+    from engine.bliss.config import TrainScorerConfig
+    from engine.bliss.outer_step import PhaseTimer, make_adamw, outer_step
     from engine.bliss.score_model import ScoreModel
-    from engine.bliss.train import PhaseTimer, TrainScorerConfig, autocast, make_adamw, outer_step
-    from engine.models.presets import build_causal_lm, model_preset, with_max_seq_len
+    from engine.models.families import build_causal_lm
+    from engine.models.presets import model_preset, with_max_seq_len
+    from engine.runtime import autocast
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -57,7 +57,7 @@ def bare_loop(cfg, packed, vocab_size: int, steps: int, warmup_steps: int) -> tu
     import torch
     import torch.nn.functional as F
 
-    from engine.models.presets import build_causal_lm
+    from engine.models.families import build_causal_lm
 
     device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
     model = build_causal_lm(cfg.model, vocab_size, seed=cfg.seed).to(device)
@@ -122,7 +122,7 @@ def main() -> None:
     import torch
 
     from engine.data.sample import sample_pool_glob
-    from engine.models.presets import count_parameters
+    from engine.models.families import count_parameters
     from engine.pretrain.launch import prepare_data, resolve_config
     from engine.run_dir import RunDir, atomic_write_json
 
@@ -146,7 +146,7 @@ def main() -> None:
     packed, _ = prepare_data(cfg, run)
     pack_s = time.perf_counter() - t
     vocab = int(packed.header["vocab_size"])
-    from engine.models.presets import build_causal_lm
+    from engine.models.families import build_causal_lm
 
     params = count_parameters(build_causal_lm(cfg.model, vocab))
     print(f"model {args.size}: {params / 1e6:.1f}M params (vocab {vocab}); {cfg.global_batch_tokens:,} tokens/step "

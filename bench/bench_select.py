@@ -37,7 +37,7 @@ def topk_peak_bytes(run_dir, manifest) -> int:
 
     import numpy as np
 
-    from engine.select.stage import load_shard_scores, score_file
+    from engine.select.score_files import load_shard_scores, score_file
     from engine.select.topk import TopKByWeight, rank_keys
 
     shards = [load_shard_scores(score_file(run_dir, i["label"])) for i in manifest["inputs"]]
@@ -55,7 +55,8 @@ def topk_peak_bytes(run_dir, manifest) -> int:
 
 def child(args) -> None:
     from engine.run_dir import RunDir
-    from engine.select.stage import SelectConfig, run_select
+    from engine.select.config import SelectConfig
+    from engine.select.stage import run_select
 
     shards = pool_shards()[: args.shards]
     config = SelectConfig(

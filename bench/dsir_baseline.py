@@ -41,10 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.data.formats import output_name  # noqa: E402
 from engine.data.sources import discover_shards, iter_raw_lines  # noqa: E402
 from engine.run_dir import RunDir, atomic_write_json  # noqa: E402
-from engine.select.stage import load_shard_scores  # noqa: E402
-from engine.select.writer import WriteJob, output_name, write_selected_shards  # noqa: E402
+from engine.select.manifest import ManifestBuilder, SelectionFacts, ShardSummary  # noqa: E402
+from engine.select.score_files import load_shard_scores  # noqa: E402
+from engine.select.writer import WriteJob, write_selected_shards  # noqa: E402
 
 SHARD_KEY, LINE_KEY = "_bench_shard", "_bench_line"
 
@@ -144,7 +146,7 @@ def run_dsir(pool: str, target: str, counts_run: Path, run: Path, budget: float,
     if chosen != predicted:
         print(f"dsir: warning: resample chose {len(chosen)} documents, {len(chosen ^ predicted)} differ from the "
               "predicted top-k; keeping resample's choice", flush=True)
-    manifest = write_subset(run_dir, shards, chosen, counts, pool_tokens, budget, budget_tokens, seed, k,
+    manifest = write_subset(run_dir, shards, chosen, counts_run, pool_tokens, budget, budget_tokens, seed, k,
                             tokenizer=tokenizer)
     manifest["cpu_s"] = round(time.process_time() - started_cpu, 2)
     manifest["cpu_s_weights"] = round(cpu_weights, 2)
@@ -155,46 +157,37 @@ def run_dsir(pool: str, target: str, counts_run: Path, run: Path, budget: float,
     return manifest
 
 
-def write_subset(run_dir: RunDir, shards: list[str], chosen: set[tuple[str, int]], counts, pool_tokens: int,
+def write_subset(run_dir: RunDir, shards: list[str], chosen: set[tuple[str, int]], counts_run: Path, pool_tokens: int,
                  budget: float, budget_tokens: int, seed: int, k: int, tokenizer: Path | None) -> dict:
-    """The chosen documents in ``select``'s layout: byte-exact zstd shards and a manifest with ``by_source``."""
+    """The chosen documents in ``select``'s layout: byte-exact zstd shards, and the manifest ``select``'s own
+    ``ManifestBuilder`` makes, from the counts run's score files and the chosen lines."""
     run_dir.selected.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.selected.glob("*.jsonl.zst"):
         stale.unlink()
-    by_source: dict[str, list[int]] = {}
-    jobs, outputs, kept_tokens, seen_docs = [], [], 0, 0
+    by_path = {str(Path(s.path).resolve()): s for s in map(load_shard_scores, (counts_run / "scores").glob("*.npz"))}
+    builder = ManifestBuilder(SelectionFacts(
+        run=run_dir.name,
+        scorer={"name": "dsir", "package": "data-selection", "ngrams": 2, "num_buckets": 10000,
+                "min_example_length": 100, "num_to_sample": k},
+        seed=seed, temperature=1.0, unit="tokens", budget_spec=f"{budget:.0%}", budget_amount=budget_tokens,
+        pool_total=pool_tokens, keeps_everything=False, first_excluded=None,
+        token_counting="the --counts-run selection's counts",
+        tokenizer=str(run_dir.tokenizer_path) if tokenizer is not None else "", world_size=1,
+    ))
+    jobs = []
     for path in shards:
+        shard = by_path[path]
         kept_lines = np.array(sorted(line for p, line in chosen if p == path), dtype=np.uint32)
-        for line, (tokens, _, source) in counts[path].items():
-            acc = by_source.setdefault(source or "(none)", [0, 0, 0, 0])
-            keep = (path, line) in chosen
-            acc[0] += 1
-            acc[1] += keep
-            acc[2] += tokens
-            acc[3] += tokens if keep else 0
-            kept_tokens += tokens if keep else 0
-            seen_docs += 1
+        summary = ShardSummary.of(shard, np.isin(shard.lines, kept_lines))
         if kept_lines.size:
             output = run_dir.selected / output_name(Path(path).name)
             jobs.append(WriteJob(path, str(output), kept_lines))
-            outputs.append(output.name)
+            summary.output = output.name
+        builder.add(summary)
     write_selected_shards(jobs, 0)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, run_dir.tokenizer_path)
-    return {
-        "run": run_dir.name,
-        "scorer": {"name": "dsir", "package": "data-selection", "ngrams": 2, "num_buckets": 10000,
-                   "min_example_length": 100, "num_to_sample": k},
-        "seed": seed,
-        "unit": "tokens",
-        "budget": {"spec": f"{budget:.0%}", "amount": budget_tokens, "pool_total": pool_tokens},
-        "documents": {"seen": seen_docs, "kept": len(chosen)},
-        "tokens": {"seen": pool_tokens, "kept": kept_tokens, "counting": "the --counts-run selection's counts"},
-        "by_source": {name: {"documents_seen": f[0], "documents_kept": f[1], "tokens_seen": f[2], "tokens_kept": f[3]}
-                      for name, f in sorted(by_source.items(), key=lambda item: -item[1][2])},
-        "outputs": outputs,
-        "tokenizer": str(run_dir.tokenizer_path) if tokenizer is not None else None,
-    }
+    return builder.build(elapsed_s=0.0)
 
 
 def main() -> None:

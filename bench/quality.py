@@ -1,18 +1,21 @@
 """What the subsets do to training: random vs BLISS vs DSIR vs perplexity filtering, on the evaluation pool.
 
-On ../shared/corpus/pool/ (8 shards, 115k documents) with the held-out narrative passages as the target,
-each method keeps 30% of the pool's tokens:
+On ../shared/corpus/pool/ (8 shards, 115k documents; ``--pool`` for another) with the held-out narrative
+passages as the target, each method keeps 30% of the pool's tokens:
   random      blissctl select --scorer random (seeded control arm)
   bliss       blissctl train-scorer (proxy + score model) then blissctl select --scorer bliss
-  dsir        PyPI data-selection's HashedNgramDSIR toward the target (bench/dsir_baseline.py)
-  perplexity  the train-scorer run's warmed-up proxy; keep the lowest-perplexity documents (engine/ppl_filter.py)
+  dsir        PyPI data-selection's HashedNgramDSIR toward the target, resampling included (bench/dsir_baseline.py):
+              the reference arm
+  dsir-tool   blissctl select --scorer dsir: the same importance weights inside the tool, top-k
+  perplexity  blissctl select --scorer perplexity: the train-scorer run's warmed-up proxy, lowest perplexity first
 Then the same small model (same seed, token count, schedule, tokenizer) is pretrained on each subset with
 blissctl pretrain, its validation loss logged every few steps, and blissctl eval gives the final loss and
 bits per byte. The 978 narrative passages are split alternately: 489 are the selection target (train-scorer's
 --val, DSIR's target), the other 489 are only ever used for evaluation.
 
-Every stage is a blissctl command (or the baseline script) run as its own process, so the CPU-seconds of
-each (children's rusage) are measured; finished stages are reused on a rerun (delete WORK/NAME to redo one).
+Every stage is a blissctl command built by ``engine.experiment`` (the demo's own command lines) or the
+baseline script, run as its own process, so the CPU-seconds of each (children's rusage) are measured;
+finished stages are reused on a rerun (delete WORK/NAME to redo one).
 Results: bench/results/quality.json, bench/results/quality.png, bench/README_quality.md.
 
     .venv/bin/python bench/quality.py [--tokens 2M] [--parallel 2] [--scorer-steps 60] ...
@@ -21,7 +24,6 @@ Results: bench/results/quality.json, bench/results/quality.png, bench/README_qua
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shlex
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import POOL, RESULTS, VAL, record  # noqa: E402
 
+from engine.data.sample import BOOK_SOURCES  # noqa: E402
 from engine.eval.compare import (  # noqa: E402
     composition,
     format_speedup,
@@ -53,11 +56,13 @@ from engine.eval.compare import (  # noqa: E402
     stage_done,
     summarise_arms,
 )
+from engine.experiment import eval_argv, pretrain_argv, select_argv, train_scorer_argv  # noqa: E402
 
-ARMS = ("random", "bliss", "dsir", "perplexity")
+ARMS = ("random", "bliss", "dsir", "perplexity", "dsir-tool")
+"""``dsir`` is the reference package (bench/dsir_baseline.py); ``dsir-tool`` is ``select --scorer dsir``."""
 NOTES = RESULTS / "quality_notes.md"
 """Hand-written findings (what was tried and why), appended to the generated README section."""
-BOOKS = ("austen_novels", "brown_corpus", "moby_dick", "shakespeare_milton_pkg", "t8_shakespeare", "kjv_bible")
+BOOKS = BOOK_SOURCES
 
 
 def children_cpu_s() -> float:
@@ -109,57 +114,40 @@ def save_cost(work: Path, key: str, figures: dict) -> None:
     (work / "costs.json").write_bytes(orjson.dumps(costs, option=orjson.OPT_INDENT_2))
 
 
-def select_perplexity(scorer_run: str, run: str, runs_dir: str, budget: str, seq_len: int, workers: int) -> None:
-    """``select --scorer perplexity``: keep the documents the warmed-up proxy finds least surprising."""
-    import engine.select.stage as select
-    from engine.run_dir import RunDir
-
-    config = select.SelectConfig(inputs=(str(POOL),), budget=budget, scorer="perplexity", scorer_run=scorer_run,
-                                 seq_len=seq_len, workers=workers, runs_dir=runs_dir)
-    manifest = select.run_select(config, RunDir.named(run, runs_dir))
-    print(json.dumps({"documents": manifest["documents"], "tokens": manifest["tokens"]}, indent=2))
-
-
 def prepare_subsets(args, work: Path, target: Path) -> None:
-    runs = str(work)
+    """train-scorer, then one selection per arm: the demo's command lines (``engine.experiment``)."""
     scorer = work / args.scorer_run
     log = work / "bench.log"
     if not stage_done(scorer, "train-scorer"):
-        cost = run_logged(blissctl(
-            "train-scorer", "--train", str(POOL), "--val", str(target), "--run", args.scorer_run, "--runs-dir", runs,
-            "--proxy", args.proxy, "--steps", str(args.scorer_steps), "--warmup-steps", str(args.scorer_warmup_steps),
-            "--seq-len", str(args.scorer_seq_len), "--batch-size", str(args.scorer_batch_size),
-            "--val-batch-size", str(args.scorer_batch_size), "--device", "cpu", "--seed", str(args.seed),
-            *args.scorer_flags.split()), log, args.threads)
+        cost = run_logged(blissctl(*train_scorer_argv(
+            train=str(args.pool), val=str(target), run=args.scorer_run, runs_dir=work, proxy=args.proxy,
+            steps=args.scorer_steps, warmup_steps=args.scorer_warmup_steps, seq_len=args.scorer_seq_len,
+            batch_size=args.scorer_batch_size, seed=args.seed, extra=tuple(args.scorer_flags.split()))),
+            log, args.threads)
         save_cost(work, f"train-scorer:{args.scorer_run}", cost)
-    tokenizer = scorer / "tokenizer.json"
-    common = ["--input", str(POOL), "--budget", args.budget, "--seq-len", str(args.scorer_seq_len),
-              "--runs-dir", runs, "--workers", str(args.workers), "--seed", str(args.seed)]
-    if not (work / "random" / "selected" / "manifest.json").exists():
-        cost = run_logged(blissctl("select", "--scorer", "random", "--tokenizer", str(tokenizer), "--run", "random",
-                                   *common), log, args.threads)
-        save_cost(work, "select:random", cost)
-    bliss = args.bliss_run
-    if not (work / bliss / "selected" / "manifest.json").exists():
-        cost = run_logged(blissctl("select", "--scorer", "bliss", "--scorer-run", args.scorer_run, "--run", bliss,
-                                   "--chunks", str(args.chunks), *common), log, args.threads)
-        save_cost(work, f"select:{bliss}", cost)
-    if "perplexity" in args.arms and not (work / "perplexity" / "selected" / "manifest.json").exists():
-        cost = run_logged([sys.executable, str(ROOT / "bench" / "quality.py"), "--select-perplexity",
-                           "--work", runs, "--scorer-run", args.scorer_run, "--budget", args.budget,
-                           "--scorer-seq-len", str(args.scorer_seq_len), "--workers", str(args.workers)],
-                          log, args.threads)
-        save_cost(work, "select:perplexity", cost)
+    runs = arm_runs(args)
+    for arm in ("random", "bliss", "perplexity", "dsir-tool"):  # random first: DSIR's reference reads its counts
+        if arm not in args.arms or (work / runs[arm] / "selected" / "manifest.json").exists():
+            continue
+        cost = run_logged(blissctl(*select_argv(
+            arm=SCORER_OF_ARM[arm], train=str(args.pool), val=str(target), budget=args.budget, run=runs[arm],
+            runs_dir=work, scorer_run=scorer, seq_len=args.scorer_seq_len, seed=args.seed, chunks=args.chunks,
+            extra=("--workers", str(args.workers)))), log, args.threads)
+        save_cost(work, f"select:{runs[arm]}", cost)
     if "dsir" in args.arms and not (work / "dsir" / "selected" / "manifest.json").exists():
         fraction = float(args.budget.rstrip("%")) / 100
-        cost = run_logged([sys.executable, str(ROOT / "bench" / "dsir_baseline.py"), "--pool", str(POOL),
+        cost = run_logged([sys.executable, str(ROOT / "bench" / "dsir_baseline.py"), "--pool", str(args.pool),
                            "--target", str(target), "--counts-run", str(work / "random"), "--run", str(work / "dsir"),
                            "--budget", str(fraction), "--seed", str(args.seed), "--num-proc", str(args.dsir_procs),
-                           "--tokenizer", str(tokenizer)], log, args.threads)
+                           "--tokenizer", str(scorer / "tokenizer.json")], log, args.threads)
         previous = load_costs(work).get("dsir")
         if previous:  # the importance weights of an earlier, interrupted invocation were reused
             cost["cpu_s"] += previous.get("cpu_s", 0)
         save_cost(work, "dsir", cost)
+
+
+SCORER_OF_ARM = {"random": "random", "bliss": "bliss", "perplexity": "perplexity", "dsir-tool": "dsir"}
+"""The ``select --scorer`` of each arm run by blissctl (``dsir`` is the reference package's own run)."""
 
 
 def arm_runs(args) -> dict[str, str]:
@@ -168,7 +156,6 @@ def arm_runs(args) -> dict[str, str]:
 
 
 def pretrain_arms(args, work: Path, held_out: Path) -> None:
-    runs = str(work)
     batch = args.batch_tokens
     steps = -(-args.tokens // batch)
     eval_every = max(1, steps // args.eval_points)
@@ -177,18 +164,14 @@ def pretrain_arms(args, work: Path, held_out: Path) -> None:
         lm = f"{select_run}-lm"
         log = work / f"{lm}.log"
         if not stage_done(work / lm, "pretrain"):
-            resume = ["--resume"] if (work / lm / "checkpoints").is_dir() else []
-            cost = run_logged(blissctl(
-                "pretrain", "--data", str(work / select_run / "selected"), "--run", lm, "--runs-dir", runs,
-                "--size", args.size, "--val", str(held_out), "--seq-len", str(args.seq_len),
-                "--global-batch-tokens", str(batch), "--micro-batch", str(min(batch // args.seq_len, 32)),
-                "--steps", str(steps), "--eval-every", str(eval_every), "--log-every", str(eval_every),
-                "--save-every", str(steps), "--keep", "1", "--seed", str(args.seed), "--device", "cpu",
-                "--nproc-per-node", "1", "--workers", "1", *resume), log, args.threads)
+            resume = ("--resume",) if (work / lm / "checkpoints").is_dir() else ()
+            cost = run_logged(blissctl(*pretrain_argv(
+                data=work / select_run / "selected", run=lm, runs_dir=work, size=args.size, val=str(held_out),
+                seq_len=args.seq_len, batch_tokens=batch, micro_batch=min(batch // args.seq_len, 32), steps=steps,
+                eval_every=eval_every, seed=args.seed, extra=("--workers", "1", *resume))), log, args.threads)
             save_cost(work, f"pretrain:{lm}", cost)
         if last_eval(work / lm) is None:
-            cost = run_logged(blissctl("eval", "--checkpoint", str(work / lm), "--val", str(held_out),
-                                       "--device", "cpu"), log, args.threads)
+            cost = run_logged(blissctl(*eval_argv(checkpoint=work / lm, val=str(held_out))), log, args.threads)
             save_cost(work, f"eval:{lm}", cost)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -215,6 +198,9 @@ def report(args, work: Path) -> dict:
         elif summary.name == "perplexity":
             selection = warmup_share * scorer_cost.get("cpu_s", 0) + costs.get("select:perplexity", {}).get("cpu_s", 0)
             selection_note = f"proxy warm-up ({warmup_share:.0%} of train-scorer's wall time) + scoring"
+        elif summary.name == "dsir-tool":
+            selection = costs.get("select:dsir-tool", {}).get("cpu_s", 0)
+            selection_note = "blissctl select --scorer dsir: n-gram fit on a pool sample + scoring + write"
         elif summary.name == "dsir":
             selection = costs.get("dsir", {}).get("cpu_s", 0)
             selection_note = "n-gram fit + importance weights + resample + write"
@@ -247,8 +233,8 @@ def report(args, work: Path) -> dict:
     return {
         "variants": bliss_variants(args, work, costs, curves["random"], curves.get("dsir")),
         "seed_checks": seed_checks(work),
-        "pool": str(POOL), "val": str(VAL), "budget": args.budget,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("select_perplexity",)},
+        "pool": str(args.pool), "val": str(VAL), "budget": args.budget,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "pretrain_tokens": steps * args.batch_tokens,
         "costs": costs,
         "arms": arms,
@@ -408,6 +394,7 @@ def readme(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="where the runs go")
+    parser.add_argument("--pool", type=Path, default=POOL, help="the candidate pool (default: ../shared/corpus/pool)")
     parser.add_argument("--budget", default="30%")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     parser.add_argument("--seed", type=int, default=0)
@@ -431,16 +418,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="select's reader processes")
     parser.add_argument("--dsir-procs", type=int, default=1)
     parser.add_argument("--stop-after", choices=("subsets", "pretrain"), default=None)
-    parser.add_argument("--select-perplexity", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.tokens = int(args.tokens)
     args.arms = [a for a in args.arms.split(",") if a]
     args.variants = [v for v in args.variants.split(",") if v]
     work = args.work.resolve()
     args.work = str(work)
-    if args.select_perplexity:
-        select_perplexity(args.scorer_run, "perplexity", str(work), args.budget, args.scorer_seq_len, args.workers)
-        return
     work.mkdir(parents=True, exist_ok=True)
     target, held_out = split_val(work)
     prepare_subsets(args, work, target)

@@ -1,7 +1,8 @@
 """What every command shares: turning library errors into one line, and parsing common flag shapes.
 
 Library errors become CLI errors here, in one place (sqlite-utils style): a ``UserError`` prints one
-line on stderr and exits with status 2; Ctrl-C prints where to resume and exits with 130.
+line on stderr and exits with status 2; a failure of the machine (a full disk, a read-only folder) one
+line and status 1; Ctrl-C prints where to resume and exits with 130.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import NoReturn, TypeVar
 import typer
 from rich.console import Console
 
-from engine.errors import UserError
+from engine.errors import ReportedError, UserError, describe_machine_error, is_machine_error
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 console = Console(highlight=False)
@@ -34,8 +35,14 @@ def handles_user_errors(command: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except ReportedError as error:
+            raise typer.Exit(error.code) from None
         except UserError as error:
             fail(str(error))
+        except OSError as error:
+            if not is_machine_error(error):
+                raise  # a bug: keep its traceback
+            fail(describe_machine_error(error), code=1)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: what was written is kept; run again with --resume")
             sys.stderr.flush()

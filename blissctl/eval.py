@@ -27,27 +27,14 @@ def eval_command(
     batch: Annotated[int, Opt("--batch", help="Windows per forward pass.")] = 8,
     device: Annotated[str, Opt("--device", help="auto, cuda or cpu.")] = "auto",
 ) -> None:
-    from engine.errors import UserError
-    from engine.eval.evaluate import evaluate_checkpoint
-    from engine.models.checkpoints import resolve_checkpoint, run_dir_of
-    from engine.run_dir import RunDir
+    from engine.eval.evaluate import EvalConfig, run_eval
 
-    if checkpoint is None:
-        raise UserError("--checkpoint is required: a checkpoints/step_NNNNNN folder or a pretrain run directory")
-    if device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
-    folder = resolve_checkpoint(checkpoint)
-    run = RunDir(run_dir_of(folder))
-    if val is None:
-        val = run.read_config().get("pretrain", {}).get("val")
-        if not val:
-            raise UserError("--val is required: this run was trained without a validation set")
-    result, folder = evaluate_checkpoint(folder, val, seq_len=seq_len, batch_size=batch, device=device)
-    with run.events("eval") as events:
-        events.emit("eval", loss_val=result.loss, perplexity=result.perplexity,
-                    bits_per_byte=result.bits_per_byte, checkpoint=str(folder), tokens=result.tokens,
-                    bytes=result.bytes, val=str(val))
-    console.print(f"checkpoint {folder}", soft_wrap=True)
+    outcome = run_eval(EvalConfig(checkpoint=str(checkpoint or ""), val=val, seq_len=seq_len, batch_size=batch,
+                                  device=device))
+    result = outcome.result
+    console.print(f"checkpoint {outcome.checkpoint}", soft_wrap=True)
     console.print(f"val loss {result.loss:.4f} · perplexity {result.perplexity:.2f} · "
                   f"bits per byte {result.bits_per_byte:.4f} ({result.tokens:,} tokens, {result.bytes:,} bytes)",
                   soft_wrap=True)
+    if outcome.recorded_in is None:
+        console.print("[dim]not inside a run directory: the figures were not recorded anywhere[/]", soft_wrap=True)

@@ -52,77 +52,17 @@ def pretrain_command(
     stop_after: Annotated[int | None, Opt("--stop-after", help="Stop (with a checkpoint) after N steps of this launch, e.g. for a time-limited job.")] = None,  # noqa: E501
     dry_run: Annotated[bool, Opt("--dry-run", help="Print the torchrun command and settings; write nothing.")] = False,
 ) -> None:
-    from engine.errors import UserError
-    from engine.pretrain.launch import (
-        config_path,
-        finalise_steps,
-        format_command,
-        prepare_data,
-        resolve_config,
-        run_forwarding_signals,
-        torchrun_command,
-        worker_environment,
-        write_frozen_config,
-    )
+    from engine.pretrain.launch import LaunchConfig, launch_pretrain
     from engine.run_dir import RunDir
 
-    if nproc_per_node is None:
-        nproc_per_node = _default_nproc(device)
-    if stop_after is not None and stop_after < 1:
-        raise UserError(f"--stop-after must be at least 1, got {stop_after}")
-    rundir = RunDir.named(run, runs_dir)
+    launch = LaunchConfig(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                          rdzv_endpoint=rdzv_endpoint, workers=workers, resume=resume, stop_after=stop_after,
+                          dry_run=dry_run)
     flags = {
         "data": tuple(data) if data else None, "size": size, "val": val, "tokenizer": tokenizer,
         "seq_len": seq_len, "lr": lr, "global_batch_tokens": global_batch_tokens, "micro_batch": micro_batch,
         "steps": steps, "tokens": tokens, "warmup_frac": warmup, "seed": seed, "save_every": save_every,
         "keep": keep, "eval_every": eval_every, "eval_tokens": eval_tokens, "log_every": log_every,
-        "fsdp": fsdp, "compile": compile_model, "device": device, "world_size": nproc_per_node * max(nnodes, 1),
+        "fsdp": fsdp, "compile": compile_model, "device": device,
     }
-    config = resolve_config(flags, rundir, resume=resume)
-    cmd = torchrun_command(
-        config_path(rundir), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-        rdzv_endpoint=rdzv_endpoint, rdzv_id=f"blissctl-{rundir.name}", resume=resume, stop_after=stop_after,
-    )
-    if not resume and (rundir.checkpoints / "latest").exists():
-        raise UserError(f"run {rundir.root} already has checkpoints; pass --resume to continue it or pick another --run")
-
-    if dry_run:
-        _describe(config, steps_known=config.steps is not None or config.tokens is not None)
-        console.print(format_command(cmd), soft_wrap=True)
-        return
-
-    rundir.create()
-    console.print(f"preparing data for [bold]{rundir.root}[/] …", soft_wrap=True)
-    train, val_data = prepare_data(config, rundir, workers=workers)
-    config = finalise_steps(config, train.n_tokens)
-    console.print(
-        f"train: {train.header['n_documents']:,} documents, {train.n_tokens:,} tokens "
-        f"({train.n_sequences(config.seq_len):,} sequences of {config.seq_len})"
-        + (f"; val: {val_data.n_tokens:,} tokens" if val_data is not None else ""),
-        soft_wrap=True,
-    )
-    write_frozen_config(rundir, config)
-    _describe(config, steps_known=True)
-    console.print(format_command(cmd), soft_wrap=True)
-    code = run_forwarding_signals(cmd, env=worker_environment())
-    if code != 0:
-        raise UserError(f"training failed (torchrun exited with status {code}); see the messages above")
-
-
-def _default_nproc(device: str | None) -> int:
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return 1
-
-
-def _describe(config, *, steps_known: bool) -> None:
-    steps = (str(config.steps) if config.steps is not None
-             else f"{config.tokens:,} tokens" if config.tokens is not None else "one epoch of --data")
-    console.print(
-        f"model {config.size} · {'FSDP' if config.fsdp else 'DDP'} · {config.world_size} process(es) · "
-        f"seq {config.seq_len} · {config.global_batch_tokens:,} tokens/step "
-        f"(micro-batch {config.micro_batch} × {config.grad_accum} accumulation) · lr {config.lr:g} · steps {steps}",
-        soft_wrap=True,
-    )
+    launch_pretrain(flags, launch, RunDir.named(run, runs_dir), say=lambda line: console.print(line, soft_wrap=True))

@@ -6,22 +6,26 @@ Example: blissctl select --input 'c4/en/c4-train.*.json.gz' --budget 30% --run c
 
 Example: blissctl select --input pool/ --budget 2M --scorer bliss --scorer-run my-scorer --run c4-bliss
 
+Example: blissctl select --input pool/ --budget 30% --scorer dsir --val target.jsonl.zst --run c4-dsir
+
 Example: torchrun --nproc-per-node 8 -m blissctl select --input pool/ --budget 20% --name big
 """
 
 from __future__ import annotations
 
-import shutil
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from blissctl.common import console, err_console, fail, handles_user_errors
+from blissctl.common import console, err_console, handles_user_errors
+from engine.select.scorers import scorer_help
 
 
 def _default_run_name(scorer: str, budget: str) -> str:
-    return f"{scorer}-" + budget.strip().replace("%", "pct").replace(".", "_")
+    """``random-30pct``, ``bliss-2M``: a valid run name whatever the budget text looks like."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{scorer}-" + budget.strip().replace("%", "pct"))
 
 
 @handles_user_errors
@@ -39,12 +43,12 @@ def select_command(
             "(torchrun's own parser takes --run for its --run-path).",
         ),
     ] = None,
-    scorer: Annotated[
-        str,
-        typer.Option(help="random (seeded control arm), bliss (a trained score model) or perplexity (lowest proxy perplexity first)."),
-    ] = "random",
+    scorer: Annotated[str, typer.Option(help=f"How documents are scored: {scorer_help()}")] = "random",
     scorer_run: Annotated[
         str | None, typer.Option(help="For --scorer bliss or perplexity: a train-scorer run name, or a checkpoint path.")
+    ] = None,
+    val: Annotated[
+        str | None, typer.Option("--val", metavar="PATH", help="For --scorer dsir: the target documents (file, folder or glob).")
     ] = None,
     unit: Annotated[str, typer.Option(help="What the budget counts: tokens or docs.")] = "tokens",
     temperature: Annotated[float, typer.Option(help="Gumbel-top-k temperature; 0 keeps the top scores exactly.")] = 0.0,
@@ -69,45 +73,23 @@ def select_command(
     runs_dir: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("runs"),
 ) -> None:
     from engine.run_dir import RunDir
-    from engine.runtime import barrier, init_ranks, shutdown
-    from engine.select.stage import STAGE, SelectConfig, run_select
+    from engine.runtime import is_main_process
+    from engine.select.config import SelectConfig
+    from engine.select.stage import run_select
 
-    if resume and force:
-        fail("--resume and --force contradict each other: choose one")
     config = SelectConfig(
         inputs=tuple(input or ()), budget=budget, unit=unit, scorer=scorer, scorer_run=scorer_run, device=device,
         seq_len=seq_len, chunks=chunks, batch_size=batch_size, temperature=temperature, seed=seed, workers=workers,
         tokenizer=tokenizer, vocab_size=vocab_size, exact_token_counts=exact_token_counts, resume=resume,
-        runs_dir=str(runs_dir),
+        force=force, val=val, runs_dir=str(runs_dir),
     )
-    run_dir = RunDir.named(run or _default_run_name(scorer, budget), runs_dir)
-    ranks = init_ranks(device)
-    try:
-        if force and ranks.is_main:
-            _discard_selection(run_dir, STAGE)
-        if not ranks.is_main:  # under torchrun only rank 0 talks to the terminal
-            run_select(config, run_dir)
-            barrier(ranks)
-            return
-        with _SelectDisplay() as display:
-            manifest = run_select(config, run_dir, progress=display.update)
-        barrier(ranks)
-        print_summary(manifest, run_dir.root)
-    finally:
-        # Leave the process group explicitly: a rank whose gloo threads are torn down at interpreter
-        # exit while another rank still talks to it aborts ("terminate called without an active exception").
-        shutdown(ranks)
-
-
-def _discard_selection(run_dir, stage: str) -> None:
-    from engine.run_dir import atomic_write_json
-
-    for folder in (run_dir.scores, run_dir.selected, run_dir.report):
-        shutil.rmtree(folder, ignore_errors=True)
-    data = run_dir.read_config()
-    if stage in data:
-        del data[stage]
-        atomic_write_json(run_dir.config_path, data)
+    run_dir = RunDir.named(_default_run_name(scorer, budget) if run is None else run, runs_dir)
+    if not is_main_process():  # under torchrun only rank 0 talks to the terminal
+        run_select(config, run_dir)
+        return
+    with _SelectDisplay() as display:
+        manifest = run_select(config, run_dir, progress=display.update)
+    print_summary(manifest, run_dir.root)
 
 
 class _SelectDisplay:

@@ -56,7 +56,8 @@ def train_scorer_command(
 ) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from engine.bliss.train import TrainScorerConfig, run_train_scorer
+    from engine.bliss.config import TrainScorerConfig
+    from engine.bliss.train import run_train_scorer
     from engine.data.sample import sample_pool_glob, sample_val_path
     from engine.run_dir import RunDir
 
@@ -68,7 +69,7 @@ def train_scorer_command(
         seq_len=seq_len, target=target, tokenizer=tokenizer, vocab_size=vocab_size, device=device, seed=seed,
         probe_docs=probe_docs, histogram_every=histogram_every, checkpoint_every=checkpoint_every, resume=resume,
     )
-    run_dir = RunDir.named(run or f"bliss-{proxy}", runs_dir)
+    run_dir = RunDir.named(f"bliss-{proxy}" if run is None else run, runs_dir)
     total = config.warmup_steps + config.steps
 
     progress = Progress(

@@ -1,21 +1,35 @@
-"""torch.distributed for stages that run under ``torchrun``: rank discovery and object collectives.
+"""Where a stage runs: the device, the ranks of a ``torchrun`` job and their collectives, mixed
+precision, the optimiser's parameter groups, and the child processes that must die with their parent.
 
-Outside torchrun (no ``WORLD_SIZE``, or 1) every helper is a no-op on a single rank, so the same stage
-code runs in one process or many. torch is imported only when there is more than one rank.
+The one owner of these concerns: ``select``, ``train-scorer``, ``pretrain`` and ``eval`` all come here.
+Outside torchrun (no ``WORLD_SIZE``, or 1) every rank helper is a no-op on a single rank, so the same
+stage code runs in one process or many. torch is imported inside the functions that need it, so that
+``blissctl --help`` and the reader workers stay light.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
+from engine.errors import UserError
+
 
 @dataclass(frozen=True)
-class Ranks:
+class Runtime:
+    """Where this process runs: its device and its place in a ``torchrun`` job (rank 0 of 1 alone)."""
+
+    device: str = "cpu"
+    """``cpu`` or ``cuda:N`` (``torch_device`` for torch)."""
     rank: int = 0
-    world_size: int = 1
     local_rank: int = 0
+    world_size: int = 1
+    in_group: bool = False
+    """Launched by torchrun and joined its process group (even with one process)."""
 
     @property
     def is_main(self) -> bool:
@@ -23,62 +37,157 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
+        """More than one rank: collectives do something."""
         return self.world_size > 1
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def torch_device(self):
+        import torch
+
+        return torch.device(self.device)
 
     def owns(self, shard_index: int) -> bool:
         """Shards are dealt round-robin: disjoint, and balanced when shards are alike."""
         return shard_index % self.world_size == self.rank
 
 
-def init_ranks(device: str = "cpu") -> Ranks:
-    """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA), or run alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Ranks()
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process on its own (read from torchrun's environment)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def start_runtime(device: str = "auto") -> Runtime:
+    """Pick the device and join the process group torchrun set up (NCCL on CUDA, gloo on CPU).
+
+    ``device`` is ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; under torchrun each
+    rank takes the GPU of its local rank. On CUDA, TF32 matmuls are allowed (bf16 autocast does the
+    rest). A CPU-only stage on its own does not import torch at all.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    in_group = launched_by_torchrun()
+    if device == "cpu" and not in_group:
+        return Runtime(device="cpu")
+    import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":  # NCCL object collectives run on the current device: make it this rank's
-            import torch
+    chosen = resolve_device(device)
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", local_rank if in_group else (chosen.index or 0))
+        torch.cuda.set_device(chosen)  # NCCL collectives run on the current device: make it this rank's
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if in_group and not dist.is_initialized():
+        cuda = chosen.type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=chosen if cuda else None)
+    return Runtime(device=str(chosen), rank=rank, local_rank=local_rank, world_size=world_size, in_group=in_group)
 
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+def stop_runtime(runtime: Runtime) -> None:
+    """Leave the process group explicitly: a rank whose gloo threads are torn down at interpreter exit
+    while another rank still talks to it aborts ("terminate called without an active exception")."""
+    if runtime.in_group:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def barrier(ranks: Ranks) -> None:
-    if ranks.distributed:
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
         import torch.distributed as dist
 
         dist.barrier()
 
 
-def all_gather(ranks: Ranks, obj: Any) -> list[Any]:
+def all_gather(runtime: Runtime, obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
-    if not ranks.distributed:
+    if not runtime.distributed:
         return [obj]
     import torch.distributed as dist
 
-    gathered: list[Any] = [None] * ranks.world_size
+    gathered: list[Any] = [None] * runtime.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
 
 
-def broadcast(ranks: Ranks, obj: Any) -> Any:
+def broadcast(runtime: Runtime, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
-    if not ranks.distributed:
+    if not runtime.distributed:
         return obj
     import torch.distributed as dist
 
-    box = [obj if ranks.is_main else None]
+    box = [obj if runtime.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def shutdown(ranks: Ranks) -> None:
-    if ranks.distributed:
-        import torch.distributed as dist
+# --- device, precision, optimiser ------------------------------------------------------------------
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def resolve_device(spec: str):
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``; one line when
+    CUDA is asked for and absent."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {spec}: CUDA is not available on this machine")
+    return torch.device(spec)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA for plain forward and backward passes; a no-op context on CPU (fp32)."""
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def adamw_param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups with weight decay on matrices only (not biases and norms): GPT-NeoX,
+    nanoGPT and Pythia practice, shared by the proxy, the score model and pretraining."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --- child processes ------------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None = None, signum: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``signum`` to this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Called first thing in every process blissctl starts (reader and writer pools, packing workers,
+    torchrun and its trainers), so that a ``kill -9`` of the command a user started leaves no process
+    behind. ``parent_pid`` is the pid the parent had when it started us: if it is already gone by the
+    time the request takes effect, this process ends at once. Elsewhere than Linux it does nothing;
+    ``parent_is_alive`` is the portable check for worker loops.
+    """
+    parent = os.getppid() if parent_pid is None else parent_pid
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the liveness checks still apply
+            pass
+    if not parent_is_alive(parent):  # the parent died before the request took effect
+        os.kill(os.getpid(), signum)
+
+
+def parent_is_alive(parent_pid: int) -> bool:
+    """Whether the process that started this one still runs (an orphan is re-parented)."""
+    return os.getppid() == parent_pid

@@ -1,4 +1,5 @@
-"""Reading documents: C4's ``*.json.gz``, zstd ``*.jsonl.zst`` and plain ``*.jsonl``.
+"""Reading documents: C4's ``*.json.gz``, zstd ``*.jsonl.zst`` and plain ``*.jsonl`` (``engine.data.formats``
+is the table of what can be read and how).
 
 A document is identified by (shard, line): the shard's position in the sorted input list and the
 0-based physical line number inside the decompressed file, blank and bad lines included, so an id never
@@ -21,14 +22,8 @@ from typing import Any
 import orjson
 import zstandard
 
+from engine.data.formats import ReadPosition, decompressed_stream, is_supported
 from engine.errors import CorruptInputError, UserError
-
-SUPPORTED_SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl.zst", ".json.zst", ".jsonl", ".json")
-READ_CHUNK = 1 << 20  # compressed bytes read at a time: large enough to amortise Python overhead
-
-
-def is_supported(path: Path) -> bool:
-    return path.name.endswith(SUPPORTED_SUFFIXES)
 
 
 def discover_shards(specs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -99,74 +94,6 @@ class SkipCounts:
         return cls(**{f.name: int(data.get(f.name, 0)) for f in fields(cls)})
 
 
-class ReadPosition:
-    """How many bytes of the file as stored (compressed) have been consumed: for progress and MB/s."""
-
-    __slots__ = ("stored_bytes",)
-
-    def __init__(self) -> None:
-        self.stored_bytes = 0
-
-
-def _chunks(path: Path, position: ReadPosition | None = None) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            if position is not None:
-                position.stored_bytes += len(chunk)
-            yield chunk
-
-
-def _zstd_stream(path: Path, position: ReadPosition | None) -> Iterator[bytes]:
-    """Decompressed bytes of every frame of a zstd file; ends with an error if the last frame is cut."""
-    decompressor = zstandard.ZstdDecompressor()
-    dobj = decompressor.decompressobj()
-    started = False
-    for chunk in _chunks(path, position):
-        while chunk:
-            started = True
-            out = dobj.decompress(chunk)
-            if out:
-                yield out
-            if dobj.eof:  # frame finished: the rest of the chunk starts the next frame
-                chunk = dobj.unused_data
-                dobj = decompressor.decompressobj()
-                started = False
-            else:
-                chunk = b""
-    if started and not dobj.eof:
-        raise EOFError("zstd stream ends inside a frame (truncated file)")
-
-
-def _gzip_stream(path: Path, position: ReadPosition | None) -> Iterator[bytes]:
-    """Decompressed bytes of every member of a gzip file (C4's ``*.json.gz``)."""
-    dobj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    started = False
-    for chunk in _chunks(path, position):
-        while chunk:
-            started = True
-            out = dobj.decompress(chunk)
-            if out:
-                yield out
-            if dobj.eof:
-                chunk = dobj.unused_data
-                dobj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-                started = False
-            else:
-                chunk = b""
-    if started and not dobj.eof:
-        raise EOFError("gzip stream ends inside a member (truncated file)")
-
-
-def decompressed_stream(path: Path, position: ReadPosition | None = None) -> Iterator[bytes]:
-    """Decompressed bytes of ``path`` in chunks, chosen by file name."""
-    name = path.name
-    if name.endswith(".zst"):
-        return _zstd_stream(path, position)
-    if name.endswith(".gz"):
-        return _gzip_stream(path, position)
-    return _chunks(path, position)
-
-
 def iter_raw_lines(path: Path, position: ReadPosition | None = None) -> Iterator[bytes]:
     """Every physical line of ``path`` (decompressed, without the newline), blank ones included.
 
@@ -174,19 +101,26 @@ def iter_raw_lines(path: Path, position: ReadPosition | None = None) -> Iterator
     corrupt; everything yielded before that is valid.
     """
     line_no = 0
-    rest = b""
+    pending: list[bytes] = []  # the unfinished line, in pieces: a 50 MB line is joined once, not per block
     try:
         for block in decompressed_stream(path, position):
-            lines = (rest + block).split(b"\n")
+            if b"\n" not in block:
+                pending.append(block)
+                continue
+            lines = block.split(b"\n")
+            if pending:
+                pending.append(lines[0])
+                lines[0] = b"".join(pending)
             rest = lines.pop()
+            pending = [rest] if rest else []
             line_no += len(lines)
             yield from lines
     except (EOFError, zlib.error, zstandard.ZstdError, OSError) as error:
         if isinstance(error, FileNotFoundError):
             raise UserError(f"input not found: {path}") from None
         raise CorruptInputError(path, line_no, _describe(error)) from None
-    if rest:
-        yield rest
+    if pending:
+        yield b"".join(pending)
 
 
 def _describe(error: BaseException) -> str:

@@ -14,20 +14,25 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from engine.data.sources import ReadTally, SkipCounts, iter_text_records
+from engine.data.tokenizer import encode_long
 from engine.errors import UserError
+from engine.runtime import die_with_parent, parent_is_alive
 
 CHARS_PER_TOKEN_CAP = 6
 """Characters of prefix tokenised per wanted token. Web text averages ~4.3 characters a token with a
 byte-level BPE, so 6 leaves room; a document whose prefix still comes up short is tokenised whole."""
 MAX_SOURCES_PER_SHARD = 65535
 OTHER_SOURCE = "(other)"
+WORKER_CHECK_S = 1.0
+"""How often the main process looks for reader workers that died."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +46,9 @@ class TokenizeSpec:
     """Send the token ids to the main process (only scorers that run a model need them)."""
     exact_counts: bool = False
     """Tokenise whole documents so that token counts are exact (slower)."""
+    text_scorer: Callable[[list[str]], np.ndarray] | None = None
+    """A scorer's part that reads the text itself (DSIR's n-grams): run here, in every worker, on each
+    batch of texts; its float32 scores travel with the batch."""
     batch_docs: int = 256
 
 
@@ -62,6 +70,7 @@ class DocBatch:
     stored_bytes: int  # compressed bytes consumed since the previous message of this shard
     token_ids: np.ndarray | None = None  # int32, all documents' ids back to back
     offsets: np.ndarray | None = None  # int64 (B + 1,): document i is token_ids[offsets[i]:offsets[i+1]]
+    text_scores: np.ndarray | None = None  # float32 (B,), from the spec's text_scorer
 
     def token_lists(self) -> list[np.ndarray] | None:
         if self.token_ids is None or self.offsets is None:
@@ -92,8 +101,7 @@ def count_and_truncate(tokenizer, texts: list[str], spec: TokenizeSpec) -> tuple
     """Token ids (at most ``max_tokens`` each) and whole-document token counts for ``texts``."""
     max_tokens = spec.max_tokens
     if spec.exact_counts:
-        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        ids = [e.ids for e in encodings]
+        ids = encode_long(tokenizer, texts)
         return [i[:max_tokens] for i in ids], np.fromiter((len(i) for i in ids), np.uint32, len(ids)), 0
     cap = max_tokens * CHARS_PER_TOKEN_CAP + 64
     prefixes = [t if len(t) <= cap else t[:cap] for t in texts]
@@ -110,11 +118,26 @@ def count_and_truncate(tokenizer, texts: list[str], spec: TokenizeSpec) -> tuple
             # word, so the ids past max_tokens (which include that last partial token) are dropped.
             counts[i] = int(round(len(doc_ids) * len(text) / cap))
             n_estimated += 1
-        else:  # unusually long tokens: the prefix did not reach max_tokens, so look at all of it
-            doc_ids = tokenizer.encode(text, add_special_tokens=False).ids
-            counts[i] = len(doc_ids)
+        else:  # unusually long tokens: the prefix did not reach max_tokens, so look further
+            doc_ids, counts[i], estimated = _longer_prefix(tokenizer, text, cap, max_tokens)
+            n_estimated += estimated
         ids.append(doc_ids[:max_tokens])
     return ids, counts, n_estimated
+
+
+def _longer_prefix(tokenizer, text: str, cap: int, max_tokens: int) -> tuple[list[int], int, int]:
+    """(ids, token count, 1 if extrapolated) for a document whose first ``cap`` characters hold fewer than
+    ``max_tokens`` tokens: prefixes four times longer each time until one does (then extrapolate from it),
+    or the whole text fits; a 50 MB document is never tokenised whole just to count it."""
+    window = cap
+    while True:
+        window *= 4
+        if window >= len(text):
+            doc_ids = encode_long(tokenizer, [text])[0]
+            return doc_ids, len(doc_ids), 0
+        doc_ids = tokenizer.encode(text[:window], add_special_tokens=False).ids
+        if len(doc_ids) > max_tokens:
+            return doc_ids, int(round(len(doc_ids) * len(text) / window)), 1
 
 
 def process_shard(job: ShardJob, spec: TokenizeSpec, tokenizer) -> Iterator[DocBatch | ShardDone | ShardFailed]:
@@ -139,6 +162,8 @@ def process_shard(job: ShardJob, spec: TokenizeSpec, tokenizer) -> Iterator[DocB
             text_bytes=tally.line_bytes - reported_bytes,
             stored_bytes=tally.position.stored_bytes - reported_stored,
         )
+        if spec.text_scorer is not None:
+            batch.text_scores = np.asarray(spec.text_scorer(texts), np.float32)
         if spec.ship_tokens:
             offsets = np.zeros(len(ids) + 1, np.int64)
             np.cumsum([len(i) for i in ids], out=offsets[1:])
@@ -173,20 +198,29 @@ def process_shard(job: ShardJob, spec: TokenizeSpec, tokenizer) -> Iterator[DocB
     )
 
 
-def _worker_main(jobs: mp.Queue, results: mp.Queue, spec: TokenizeSpec) -> None:
+def _worker_main(jobs: mp.Queue, results: mp.Queue, spec: TokenizeSpec, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a kill -9 of select must not leave readers behind
     # Ctrl-C reaches the whole process group; the main process decides what happens, not the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the processes are the parallelism
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(spec.tokenizer_path)
-    while True:
+    while parent_is_alive(parent_pid):  # the portable check, where the kernel cannot be asked
         job = jobs.get()
         if job is None:
             results.put(_Exit())
             return
         for message in process_shard(job, spec, tokenizer):
             results.put(message)
+
+
+def _worker_death(process: mp.Process) -> str:
+    code = process.exitcode
+    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+    hint = " (out of memory?)" if code == -signal.SIGKILL else ""
+    return (f"reader worker (pid {process.pid}) {how}{hint} before its shards were read; the shards scored "
+            "before it are kept: run the same command with --resume")
 
 
 class ShardPipeline:
@@ -217,20 +251,27 @@ class ShardPipeline:
         for _ in range(self.workers):
             jobs.put(None)
         self._processes = [
-            context.Process(target=_worker_main, args=(jobs, results, self.spec), daemon=True)
+            context.Process(target=_worker_main, args=(jobs, results, self.spec, os.getpid()), daemon=True)
             for _ in range(self.workers)
         ]
         for process in self._processes:
             process.start()
         running = self.workers
+        checked = time.monotonic()
         try:
             while running:
                 try:
-                    message = results.get(timeout=1.0)
+                    message = results.get(timeout=WORKER_CHECK_S)
                 except queue.Empty:
+                    message = None
+                if time.monotonic() - checked >= WORKER_CHECK_S or message is None:
+                    # A worker that dies (OOM killer, kill -9) takes its shard with it: stop at once
+                    # rather than after the others have finished.
+                    checked = time.monotonic()
                     dead = [p for p in self._processes if p.exitcode not in (None, 0)]
                     if dead:
-                        raise RuntimeError(f"a reader worker died (exit code {dead[0].exitcode})") from None
+                        raise UserError(_worker_death(dead[0]))
+                if message is None:
                     continue
                 if isinstance(message, _Exit):
                     running -= 1

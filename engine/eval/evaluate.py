@@ -113,6 +113,68 @@ def eval_result(nll: float, count: int, n_bytes: int | None) -> EvalResult:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """What ``blissctl eval`` measures; the CLI builds it from flags."""
+
+    checkpoint: str
+    """``--checkpoint``: a ``checkpoints/step_NNNNNN`` folder, or a pretrain run directory (its latest)."""
+    val: str | None = None
+    """``--val``: held-out documents; default: the ``--val`` the run was pretrained with."""
+    seq_len: int | None = None
+    """``--seq-len``: tokens per window; default: the training length."""
+    batch_size: int = 8
+    """``--batch``: windows per forward pass."""
+    device: str = "auto"
+    """``--device``: auto, cuda or cpu."""
+
+    def __post_init__(self) -> None:
+        from engine.errors import UserError
+
+        if not self.checkpoint:
+            raise UserError("--checkpoint is required: a checkpoints/step_NNNNNN folder or a pretrain run directory")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise UserError(f"--device must be auto, cuda or cpu, got {self.device!r}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise UserError(f"--seq-len must be at least 1, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    result: EvalResult
+    checkpoint: Path
+    """The checkpoint folder evaluated."""
+    recorded_in: Path | None
+    """The run whose events.jsonl got the ``eval`` event; None for a checkpoint outside a run."""
+    val: str
+
+
+def run_eval(config: EvalConfig) -> EvalOutcome:
+    """Evaluate the checkpoint and append an ``eval`` event to its run (when it is inside one)."""
+    from engine.errors import UserError
+    from engine.models.checkpoints import resolve_checkpoint, run_dir_of
+    from engine.run_dir import RunDir
+
+    folder = resolve_checkpoint(config.checkpoint)
+    run_root = run_dir_of(folder)
+    run = RunDir(run_root) if run_root is not None else None
+    val = config.val
+    if val is None:
+        val = (run.read_config().get("pretrain", {}).get("val") if run is not None else None)
+        if not val:
+            raise UserError("--val is required: this checkpoint was trained without a validation set")
+    result, _ = evaluate_checkpoint(folder, val, seq_len=config.seq_len, batch_size=config.batch_size,
+                                    device=config.device)
+    if run is not None:
+        with run.events("eval") as events:
+            events.emit("eval", loss_val=result.loss, perplexity=result.perplexity,
+                        bits_per_byte=result.bits_per_byte, checkpoint=str(folder), tokens=result.tokens,
+                        bytes=result.bytes, val=str(val))
+    return EvalOutcome(result=result, checkpoint=folder, recorded_in=run.root if run is not None else None, val=str(val))
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     val_specs,
@@ -121,7 +183,8 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     device: str = "auto",
 ) -> tuple[EvalResult, Path]:
-    """Evaluate a pretrain checkpoint on the documents of ``val_specs``; returns the result and folder."""
+    """Evaluate a pretrain checkpoint (folder or run) on the documents of ``val_specs``; returns the
+    result and the checkpoint folder."""
     import torch
     from tokenizers import Tokenizer
 
@@ -130,14 +193,12 @@ def evaluate_checkpoint(
     from engine.data.tokenizer import end_of_text_id
     from engine.errors import UserError
     from engine.models.checkpoints import load_pretrained_model, read_meta, resolve_checkpoint
+    from engine.runtime import resolve_device
 
     folder = resolve_checkpoint(checkpoint)
     meta = read_meta(folder)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible")
-    model, tokenizer_path = load_pretrained_model(folder, device=device)
+    torch_device = resolve_device(device)
+    model, tokenizer_path = load_pretrained_model(folder, device=str(torch_device))
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     texts = read_texts(val_specs)
     if not texts:
@@ -148,7 +209,6 @@ def evaluate_checkpoint(
         raise UserError(f"--seq-len must be at least 1, got {seq_len}")
     if batch_size < 1:
         raise UserError(f"--batch must be at least 1, got {batch_size}")
-    torch_device = torch.device(device)
     amp = torch.bfloat16 if torch_device.type == "cuda" else None
     nll, count = summed_nll(
         model, tokens, seq_len=seq_len, batch_size=batch_size, device=torch_device, autocast_dtype=amp,

@@ -1,8 +1,11 @@
-"""Model presets of the Pythia (GPT-NeoX) family, plus LLaMA-0.5B, built from configs with random init.
+"""Model presets of the Pythia (GPT-NeoX) family, plus LLaMA-0.5B, each with its training defaults.
 
-Shared by the BLISS proxy/score models (``train-scorer``) and by ``pretrain``. Nothing is downloaded:
-every model is built from a ``transformers`` config. Layer/width/head counts and learning rates follow
-the Pythia suite (Biderman et al., 2023); rotary fraction 0.25, parallel residual, untied embeddings.
+Shared by the BLISS proxy/score models (``train-scorer``) and by ``pretrain``. Layer/width/head counts
+and learning rates follow the Pythia suite (Biderman et al., 2023); rotary fraction 0.25, parallel
+residual, untied embeddings. Pythia trained every size with 1024 sequences × 2048 tokens (~2M tokens) a
+step; the micro-batches are per-GPU sizes that fit an 80–141 GB accelerator in bf16 at 2048 tokens, and
+the sizes from 1b up shard with FSDP (with DDP every GPU would hold the whole model and AdamW state).
+How a preset becomes a network is ``engine.models.families``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ class ModelConfig:
     lr: float = 1e-3
     """Peak learning rate of the Pythia suite for this size."""
     rotary_pct: float = 0.25
+    batch_sequences: int = 1024
+    """Default global batch in sequences (Pythia: 1024 of 2048 tokens)."""
+    micro_batch: int = 32
+    """Default sequences per GPU per forward pass."""
+    fsdp: bool = False
+    """Shard with FSDP by default."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -42,7 +51,7 @@ class ModelConfig:
 
 def pythia_tiny() -> ModelConfig:
     """For tests and the demo: 2 layers, width 64."""
-    return ModelConfig(name="tiny", n_layers=2, d_model=64, n_heads=4, max_seq_len=2048, lr=1e-3)
+    return ModelConfig(name="tiny", n_layers=2, d_model=64, n_heads=4, max_seq_len=2048, lr=1e-3, batch_sequences=32)
 
 
 def pythia_14m() -> ModelConfig:
@@ -62,26 +71,26 @@ def pythia_160m() -> ModelConfig:
 
 
 def pythia_410m() -> ModelConfig:
-    return ModelConfig(name="410m", n_layers=24, d_model=1024, n_heads=16, lr=3e-4)
+    return ModelConfig(name="410m", n_layers=24, d_model=1024, n_heads=16, lr=3e-4, micro_batch=16)
 
 
 def pythia_1b() -> ModelConfig:
-    return ModelConfig(name="1b", n_layers=16, d_model=2048, n_heads=8, lr=3e-4)
+    return ModelConfig(name="1b", n_layers=16, d_model=2048, n_heads=8, lr=3e-4, micro_batch=16, fsdp=True)
 
 
 def pythia_1_4b() -> ModelConfig:
-    return ModelConfig(name="1.4b", n_layers=24, d_model=2048, n_heads=16, lr=2e-4)
+    return ModelConfig(name="1.4b", n_layers=24, d_model=2048, n_heads=16, lr=2e-4, micro_batch=8, fsdp=True)
 
 
 def pythia_2_8b() -> ModelConfig:
-    return ModelConfig(name="2.8b", n_layers=32, d_model=2560, n_heads=32, lr=1.6e-4)
+    return ModelConfig(name="2.8b", n_layers=32, d_model=2560, n_heads=32, lr=1.6e-4, micro_batch=4, fsdp=True)
 
 
 def llama_0_5b() -> ModelConfig:
     """LLaMA-style 0.5B (SwiGLU, RMSNorm, full rotary), the other architecture the BLISS paper trains."""
     return ModelConfig(
         name="llama-0.5b", family="llama", n_layers=24, d_model=1024, n_heads=16, d_ff=4096, lr=3e-4,
-        rotary_pct=1.0,
+        rotary_pct=1.0, micro_batch=16,
     )
 
 
@@ -98,86 +107,12 @@ PRESETS = {
     "llama-0.5b": llama_0_5b,
 }
 
-PYTHIA_SIZES = [name for name, preset in PRESETS.items() if preset().family == "pythia"]
-
-
 def model_preset(name: str) -> ModelConfig:
     """The preset called ``name``; a one-line error listing the valid names otherwise."""
     try:
         return PRESETS[name.lower()]()
     except KeyError:
         raise UserError(f"unknown model size {name!r}; choose one of: {', '.join(PRESETS)}") from None
-
-
-def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
-    """Embedding rows rounded up (Pythia pads 50,277 to 50,304) for faster matmuls."""
-    return (vocab_size + multiple - 1) // multiple * multiple
-
-
-def hf_config(config: ModelConfig, vocab_size: int, attn_implementation: str = "sdpa"):
-    """The ``transformers`` config for ``config`` with the run's tokenizer vocabulary."""
-    vocab = padded_vocab_size(vocab_size)
-    if config.family == "pythia":
-        from transformers import GPTNeoXConfig
-
-        hf = GPTNeoXConfig(
-            vocab_size=vocab,
-            hidden_size=config.d_model,
-            num_hidden_layers=config.n_layers,
-            num_attention_heads=config.n_heads,
-            intermediate_size=config.mlp_width,
-            max_position_embeddings=config.max_seq_len,
-            rotary_pct=config.rotary_pct,
-            rotary_emb_base=10000,
-            use_parallel_residual=True,
-            tie_word_embeddings=False,
-            hidden_act="gelu",
-            layer_norm_eps=1e-5,
-            initializer_range=0.02,
-            bos_token_id=0,
-            eos_token_id=0,
-            attention_dropout=0.0,
-            hidden_dropout=0.0,
-        )
-    elif config.family == "llama":
-        from transformers import LlamaConfig
-
-        hf = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=config.d_model,
-            num_hidden_layers=config.n_layers,
-            num_attention_heads=config.n_heads,
-            num_key_value_heads=config.n_heads,
-            intermediate_size=config.mlp_width,
-            max_position_embeddings=config.max_seq_len,
-            tie_word_embeddings=False,
-            rms_norm_eps=1e-5,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    else:  # pragma: no cover - guarded by the presets
-        raise UserError(f"unknown model family {config.family!r}")
-    hf._attn_implementation = attn_implementation
-    return hf
-
-
-def build_causal_lm(config: ModelConfig, vocab_size: int, *, seed: int = 0, attn_implementation: str = "sdpa"):
-    """A randomly initialised causal LM for ``config`` (GPTNeoXForCausalLM or LlamaForCausalLM)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    hf = hf_config(config, vocab_size, attn_implementation)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf, attn_implementation=attn_implementation)
-    return model
-
-
-def count_parameters(model, *, exclude_embeddings: bool = False) -> int:
-    total = sum(p.numel() for p in model.parameters())
-    if exclude_embeddings:
-        total -= model.get_input_embeddings().weight.numel()
-    return total
 
 
 def with_max_seq_len(config: ModelConfig, seq_len: int) -> ModelConfig:

@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from engine.errors import UserError
-from engine.pretrain.train import PretrainConfig, preset_training_defaults
+from engine.errors import ReportedError, UserError
+from engine.pretrain.config import PretrainConfig, fit_batch_to_processes, preset_training_defaults
 from engine.run_dir import RunDir, atomic_write_json, config_to_dict
+from engine.runtime import die_with_parent
 
+STAGE = "pretrain"
 CONFIG_NAME = "pretrain_config.json"
 WORKER_MODULE = "engine.pretrain.worker"
 
@@ -56,16 +62,19 @@ def write_frozen_config(run: RunDir, config: PretrainConfig) -> Path:
     return path
 
 
-def resolve_config(flags: dict[str, Any], run: RunDir, *, resume: bool) -> PretrainConfig:
+def resolve_config(flags: dict[str, Any], run: RunDir, *, resume: bool, notes: list[str] | None = None
+                   ) -> PretrainConfig:
     """A ``PretrainConfig`` from the flags the user gave (``None`` = not given) and the preset.
 
     With ``resume`` and a frozen config in the run, the saved values are the defaults and flags that
     would change the run itself (``FROZEN_ON_RESUME``) are refused; steps, batch split, logging and
-    launch settings may change.
+    launch settings may change. Batch settings the user did not give adapt to the number of processes
+    (``fit_batch_to_processes``); what was chosen is appended to ``notes``.
     """
     given = {k: v for k, v in flags.items() if v is not None}
     saved_path = config_path(run)
-    if resume and saved_path.exists():
+    resuming = resume and saved_path.exists()
+    if resuming:
         saved = config_to_dict(read_frozen_config(saved_path))
         for key in FROZEN_ON_RESUME:
             if key in given and _normalise(given[key]) != _normalise(saved[key]):
@@ -88,6 +97,14 @@ def resolve_config(flags: dict[str, Any], run: RunDir, *, resume: bool) -> Pretr
         merged = {**preset_training_defaults(preset.name, seq_len), **given, "size": preset.name}
     merged["data"] = tuple(merged["data"]) if merged.get("data") else ()
     merged["run_dir"] = str(run.root)
+    batch = {"seq_len": merged.get("seq_len", 2048), "world_size": merged.get("world_size", 1),
+             "global_batch_tokens": merged["global_batch_tokens"], "micro_batch": merged["micro_batch"]}
+    # A resumed run keeps its batch split unless the user types a new --micro-batch.
+    frozen = {"global_batch_tokens", "micro_batch"} if resuming else set()
+    chosen = fit_batch_to_processes(batch, set(given), frozen=frozen)
+    merged.update(global_batch_tokens=batch["global_batch_tokens"], micro_batch=batch["micro_batch"])
+    if notes is not None:
+        notes.extend(chosen)
     config = PretrainConfig(**merged)
     from engine.data.sources import discover_shards
 
@@ -219,14 +236,85 @@ def worker_environment() -> dict[str, str]:
     return env
 
 
-def run_forwarding_signals(cmd: list[str], env: dict[str, str] | None = None) -> int:
+class TorchrunReport:
+    """Passes torchrun's stderr through, holding back torchrun's own report of a failure.
+
+    When a trainer stops with one of its one-line messages (``error: …``, ``interrupted: …``), torchrun
+    adds its agent's log lines and a traceback of itself (``ChildFailedError``, ``SignalException``):
+    noise after the line that matters. Lines that come from torchrun's agent are held; at the end they
+    are dropped if a trainer said what went wrong, and printed otherwise (a real crash keeps every line).
+    The trainers' own output, tracebacks included, passes straight through.
+    """
+
+    AGENT_LOG = re.compile(r"^[EWIDC]\d{4} \d\d:\d\d:\d\d\.\d+ \d+ .*torch/distributed/")
+    AGENT_FRAME = ("torch/distributed/run.py", "torch/distributed/elastic", "bin/torchrun", "torch/distributed/launcher")
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.held: list[str] = []
+        self.said_why = False
+        self._pending_traceback: str | None = None
+        self._in_agent_traceback = False
+
+    def line(self, text: str) -> None:
+        from engine.pretrain.worker import ONE_LINE_ERROR, ONE_LINE_INTERRUPT
+
+        if self._in_agent_traceback:  # torchrun's own traceback runs to the end of its output
+            self.held.append(text)
+            return
+        if self._pending_traceback is not None:
+            first, self._pending_traceback = self._pending_traceback, None
+            if any(frame in text for frame in self.AGENT_FRAME):
+                self._in_agent_traceback = True
+                self.held += [first, text]
+                return
+            self._write(first)
+        if text.startswith("Traceback (most recent call last):"):
+            self._pending_traceback = text  # whose traceback: its first frame tells
+            return
+        if self.AGENT_LOG.match(text):
+            self.held.append(text)
+            return
+        if text.startswith((ONE_LINE_ERROR, ONE_LINE_INTERRUPT)):
+            self.said_why = True
+        self._write(text)
+
+    def finish(self) -> None:
+        if self._pending_traceback is not None:
+            self._write(self._pending_traceback)
+        if not self.said_why:
+            for text in self.held:
+                self._write(text)
+        self.held = []
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+@dataclass(frozen=True)
+class TorchrunExit:
+    code: int
+    explained: bool
+    """A trainer said what went wrong in one line (``TorchrunReport``)."""
+
+
+def run_forwarding_signals(cmd: list[str], env: dict[str, str] | None = None) -> TorchrunExit:
     """Run ``cmd`` in its own session and forward Ctrl-C / SIGTERM to it; its exit status.
 
     The child gets exactly one SIGINT per Ctrl-C (not a second copy from the terminal), so torchrun
-    stops its workers cleanly; a second Ctrl-C sends SIGTERM and a third kills the whole group.
-    Raises ``KeyboardInterrupt`` after the child has exited if the run was interrupted.
+    stops its workers cleanly; a second Ctrl-C sends SIGTERM and a third kills the whole group. The
+    child is told to die with this process (a ``kill -9`` of ``blissctl pretrain`` takes torchrun and
+    its trainers with it). Its stderr goes through ``TorchrunReport``. Raises ``KeyboardInterrupt`` after
+    the child has exited if the run was interrupted.
     """
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    launcher_pid = os.getpid()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True,
+                            errors="replace", bufsize=1,
+                            preexec_fn=lambda: die_with_parent(launcher_pid, signal.SIGTERM))
+    report = TorchrunReport(sys.stderr)
+    reader = threading.Thread(target=lambda: [report.line(text) for text in proc.stderr], daemon=True)
+    reader.start()
     interrupts = 0
 
     def forward(signum, _frame):
@@ -245,9 +333,104 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str] | None = None) ->
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = proc.wait()
+        reader.join(timeout=10)
+        report.finish()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if interrupts:
         raise KeyboardInterrupt
-    return code
+    return TorchrunExit(code=code, explained=report.said_why)
+
+
+# --- the whole launch ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchConfig:
+    """How ``blissctl pretrain`` starts the trainers on this node (nothing here changes what is trained)."""
+
+    nproc_per_node: int | None = None
+    """Processes on this node; default: the GPUs, or 1 on a CPU."""
+    nnodes: int = 1
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
+    workers: int | None = None
+    """Tokenising processes for the data preparation; default: the CPU count."""
+    resume: bool = False
+    stop_after: int | None = None
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stop_after is not None and self.stop_after < 1:
+            raise UserError(f"--stop-after must be at least 1, got {self.stop_after}")
+        if self.nproc_per_node is not None and self.nproc_per_node < 1:
+            raise UserError(f"--nproc-per-node must be at least 1, got {self.nproc_per_node}")
+        if self.nnodes < 1:
+            raise UserError(f"--nnodes must be at least 1, got {self.nnodes}")
+
+    @property
+    def takes_the_run_lock(self) -> bool:
+        """The launcher of a single node, or of node 0 of a static rendezvous, owns the run folder; with
+        c10d rendezvous every node's launcher looks alike, and the trainer lock of rank 0 guards the run."""
+        return self.nnodes == 1 or self.node_rank == 0
+
+
+def default_nproc(device: str | None) -> int:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def describe(config: PretrainConfig) -> str:
+    """One line: model, parallelism, processes, batch split, learning rate, length."""
+    steps = (str(config.steps) if config.steps is not None
+             else f"{config.tokens:,} tokens" if config.tokens is not None else "one epoch of --data")
+    return (f"model {config.size} · {'FSDP' if config.fsdp else 'DDP'} · {config.world_size} process(es) · "
+            f"seq {config.seq_len} · {config.global_batch_tokens:,} tokens/step "
+            f"(micro-batch {config.micro_batch} × {config.grad_accum} accumulation) · lr {config.lr:g} · steps {steps}")
+
+
+def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, say: Callable[[str], None]) -> None:
+    """``blissctl pretrain``: resolve the config, prepare the data once, freeze the config, run torchrun.
+
+    ``flags`` are the training settings the user gave (``None`` = not given); ``say`` prints a line.
+    """
+    nproc = launch.nproc_per_node or default_nproc(flags.get("device"))
+    notes: list[str] = []
+    config = resolve_config({**flags, "world_size": nproc * launch.nnodes}, run, resume=launch.resume, notes=notes)
+    cmd = torchrun_command(
+        config_path(run), nproc_per_node=nproc, nnodes=launch.nnodes, node_rank=launch.node_rank,
+        rdzv_endpoint=launch.rdzv_endpoint, rdzv_id=f"blissctl-{run.name}", resume=launch.resume,
+        stop_after=launch.stop_after,
+    )
+    if not launch.resume and (run.checkpoints / "latest").exists():
+        raise UserError(f"run {run.root} already has checkpoints; pass --resume to continue it or pick another --run")
+    for note in notes:
+        say(f"note: {note}")
+    if launch.dry_run:
+        say(describe(config))
+        say(format_command(cmd))
+        return
+
+    lock = run.lock(STAGE) if launch.takes_the_run_lock else None
+    try:
+        say(f"preparing data for {run.root} …")
+        train, val_data = prepare_data(config, run, workers=launch.workers)
+        config = finalise_steps(config, train.n_tokens)
+        say(f"train: {train.header['n_documents']:,} documents, {train.n_tokens:,} tokens "
+            f"({train.n_sequences(config.seq_len):,} sequences of {config.seq_len})"
+            + (f"; val: {val_data.n_tokens:,} tokens" if val_data is not None else ""))
+        write_frozen_config(run, config)
+        say(describe(config))
+        say(format_command(cmd))
+        finished = run_forwarding_signals(cmd, env=worker_environment())
+    finally:
+        if lock is not None:
+            lock.release()
+    if finished.code != 0:
+        if finished.explained:  # the trainer's own line said what went wrong: nothing to add
+            raise ReportedError(f"torchrun exited with status {finished.code}", code=2)
+        raise UserError(f"training failed (torchrun exited with status {finished.code}); see the messages above")

@@ -43,3 +43,12 @@ def document_uniforms(seed: int, purpose: str, shard_label: str, lines: np.ndarr
 def document_gumbels(seed: int, shard_label: str, lines: np.ndarray) -> np.ndarray:
     """Standard Gumbel noise per document, for Gumbel-top-k."""
     return -np.log(-np.log(document_uniforms(seed, "gumbel", shard_label, lines)))
+
+
+def selection_values(scores: np.ndarray, lines: np.ndarray, shard_label: str, temperature: float,
+                     seed: int) -> np.ndarray:
+    """What is ranked: the scores, or with Gumbel-top-k log(score) + τ·Gumbel(seed, document id)."""
+    if temperature <= 0:
+        return scores
+    log_scores = np.log(np.maximum(scores.astype(np.float64), 1e-30))
+    return (log_scores + temperature * document_gumbels(seed, shard_label, lines)).astype(np.float32)

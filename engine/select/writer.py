@@ -8,6 +8,7 @@ rename): a reader never sees half a shard, and an interrupted write leaves nothi
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import zstandard
 
 from engine.data.sources import iter_raw_lines
 from engine.run_dir import atomic_write_with
+from engine.runtime import die_with_parent
 
 ZSTD_LEVEL = 3
 
@@ -26,16 +28,6 @@ class WriteJob:
     source: str
     output: str
     kept_lines: np.ndarray  # sorted uint32 line numbers to copy
-
-
-def output_name(label: str) -> str:
-    """``a/b/c4-train.00000-of-01024.json.gz`` → ``a__b__c4-train.00000-of-01024.jsonl.zst``."""
-    name = label.replace("/", "__")
-    for suffix in (".json.gz", ".jsonl.gz", ".jsonl.zst", ".json.zst", ".jsonl", ".json"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name + ".jsonl.zst"
 
 
 def write_selected_shard(job: WriteJob) -> int:
@@ -65,8 +57,9 @@ def write_selected_shard(job: WriteJob) -> int:
     return written
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_writer(parent_pid: int) -> None:
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides what Ctrl-C does
 
 
 def write_selected_shards(jobs: list[WriteJob], workers: int) -> list[int]:
@@ -74,5 +67,5 @@ def write_selected_shards(jobs: list[WriteJob], workers: int) -> list[int]:
     if workers <= 0 or not jobs:
         return [write_selected_shard(job) for job in jobs]
     context = mp.get_context("spawn")
-    with context.Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+    with context.Pool(min(workers, len(jobs)), initializer=_init_writer, initargs=(os.getpid(),)) as pool:
         return pool.map(write_selected_shard, jobs, chunksize=1)

@@ -15,7 +15,8 @@ import torch
 
 from engine.bliss import bilevel
 from engine.bliss.score_model import ScoreModel
-from engine.models.presets import build_causal_lm, pythia_tiny
+from engine.models.families import build_causal_lm
+from engine.models.presets import pythia_tiny
 
 VOCAB = 128
 

@@ -7,9 +7,10 @@ import orjson
 import pytest
 import torch
 
+from engine.bliss.artifacts import find_proxy_warmup, save_proxy_warmup
 from engine.errors import UserError
 from engine.select.scorers.base import ShardBatch
-from engine.select.scorers.perplexity import PerplexityScorer, find_warmup_checkpoint
+from engine.select.scorers.perplexity import PerplexityScorer
 from tests.conftest import make_records, write_shard
 
 FAMILIAR = "The cat sat on the mat and the dog sat on the log. " * 6
@@ -20,7 +21,8 @@ def scorer_run(tmp_path, small_tokenizer):
     """A train-scorer-like run whose warm-up checkpoint has learned FAMILIAR by heart."""
     from engine.bliss.bilevel import lm_logits, sequence_losses
     from engine.data.tokenizer import load_tokenizer
-    from engine.models.presets import build_causal_lm, model_preset
+    from engine.models.families import build_causal_lm
+    from engine.models.presets import model_preset
 
     run = tmp_path / "runs" / "scorer"
     (run / "checkpoints").mkdir(parents=True)
@@ -36,8 +38,8 @@ def scorer_run(tmp_path, small_tokenizer):
         loss.backward()
         opt.step()
         opt.zero_grad()
-    torch.save({"format": "blissctl.proxy/1", "preset": "tiny", "vocab_size": vocab, "seq_len": 64,
-                "model": model.state_dict(), "warmup_steps": 30}, run / "checkpoints" / "proxy-warmup.pt")
+    save_proxy_warmup(run / "checkpoints" / "proxy-warmup.pt", model, preset="tiny", vocab_size=vocab, seq_len=64,
+                      warmup_steps=30)
     return run
 
 
@@ -63,17 +65,18 @@ def test_scores_are_inverse_perplexity_and_familiar_text_wins(scorer_run):
 
 
 def test_select_keeps_the_lowest_perplexity_documents(scorer_run, tmp_path):
-    import engine.select.stage as select
     from engine.run_dir import RunDir
+    from engine.select.config import SelectConfig
+    from engine.select.stage import run_select
 
     salad = make_records(20, seed=7)
     records = [{"text": FAMILIAR, "source": "familiar"} if i % 2 else {**salad[i], "source": "salad"}
                for i in range(20)]
     shard = write_shard(tmp_path / "pool" / "c4-train.00000-of-00001.jsonl", records)
-    config = select.SelectConfig(inputs=(str(shard),), budget="50%", unit="docs", workers=0, seq_len=64,
+    config = SelectConfig(inputs=(str(shard),), budget="50%", unit="docs", workers=0, seq_len=64,
                                  scorer="perplexity", scorer_run=str(scorer_run), batch_size=8,
                                  runs_dir=str(tmp_path / "runs"))
-    manifest = select.run_select(config, RunDir(tmp_path / "runs" / "ppl"))
+    manifest = run_select(config, RunDir(tmp_path / "runs" / "ppl"))
     assert manifest["scorer"]["name"] == "perplexity"
     assert manifest["by_source"]["familiar"]["documents_kept"] == 10
     assert manifest["by_source"]["salad"]["documents_kept"] == 0
@@ -82,4 +85,4 @@ def test_select_keeps_the_lowest_perplexity_documents(scorer_run, tmp_path):
 
 def test_a_run_without_a_warm_up_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="train-scorer"):
-        find_warmup_checkpoint("nope", tmp_path)
+        find_proxy_warmup("nope", tmp_path)

@@ -17,20 +17,15 @@ from engine.models.checkpoints import (
     load_pretrained_model,
     resolve_checkpoint,
 )
-from engine.models.presets import ModelConfig, build_causal_lm, model_preset
+from engine.models.families import build_causal_lm
+from engine.models.presets import ModelConfig, model_preset
+from engine.pretrain.config import PretrainConfig, preset_training_defaults
 from engine.pretrain.launch import prepare_data, resolve_config
+from engine.pretrain.order import SequenceOrder, micro_batch_start
+from engine.pretrain.parallel import transformer_blocks
 from engine.pretrain.schedule import lr_multiplier, warmup_steps
-from engine.pretrain.train import (
-    PretrainConfig,
-    SequenceOrder,
-    flops_per_token,
-    micro_batch_start,
-    model_flops_utilisation,
-    peak_flops,
-    preset_training_defaults,
-    train,
-    transformer_blocks,
-)
+from engine.pretrain.throughput import flops_per_token, model_flops_utilisation, peak_flops
+from engine.pretrain.train import train
 from engine.run_dir import RunDir
 from tests.conftest import make_records, write_shard
 

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.bliss.score_model import ScoreModel, load_score_model, save_score_model
+from engine.bliss.artifacts import load_score_model, save_score_model
+from engine.bliss.score_model import ScoreModel
 from engine.data.tokenizer import train_bpe_tokenizer
 from engine.errors import UserError
-from engine.models.presets import build_causal_lm, pythia_tiny
+from engine.models.families import build_causal_lm
+from engine.models.presets import pythia_tiny
 from engine.run_dir import RunDir, atomic_write_bytes
 from engine.select.scorers.base import ShardBatch
 from engine.select.scorers.bliss import BlissScorer, chunk_document

@@ -14,7 +14,9 @@ from engine.data.sources import iter_raw_lines
 from engine.data.workers import TokenizeSpec, count_and_truncate
 from engine.errors import UserError
 from engine.run_dir import RunDir
-from engine.select.stage import SelectConfig, load_shard_scores, run_select, score_file
+from engine.select.config import SelectConfig
+from engine.select.score_files import load_shard_scores, score_file
+from engine.select.stage import run_select
 from tests.conftest import PYTHIA_TOKENIZER, make_records, write_shard
 
 

@@ -18,17 +18,13 @@ import torch
 from typer.testing import CliRunner
 
 from blissctl.cli import app
-from engine.bliss.score_model import load_score_model
-from engine.bliss.train import (
-    DocumentStream,
-    TrainScorerConfig,
-    make_encoder,
-    run_train_scorer,
-    score_documents,
-)
+from engine.bliss.artifacts import load_score_model
+from engine.bliss.config import TrainScorerConfig
+from engine.bliss.train import run_train_scorer, score_documents
 from engine.data.sample import sample_val_path
 from engine.data.sources import read_texts
-from engine.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from engine.data.stream import DocumentStream
+from engine.data.tokenizer import load_tokenizer, prefix_encoder, train_bpe_tokenizer
 from engine.errors import UserError
 from engine.run_dir import RunDir
 
@@ -82,7 +78,7 @@ def test_toy_separation_ranks_clean_above_noise(toy, tmp_path):
                      lr_scorer=1e-3, checkpoint_every=100, histogram_every=100)
     result = run_train_scorer(config, RunDir.named("toy", tmp_path))
     model, meta = load_score_model(result.score_model)
-    encode = make_encoder(load_tokenizer(toy["tokenizer"]), 32)
+    encode = prefix_encoder(load_tokenizer(toy["tokenizer"]), 32)
     clean = score_documents(model, encode(toy["held_out"]["clean"]), meta["pad_id"], torch.device("cpu"))
     noise = score_documents(model, encode(toy["held_out"]["noise"]), meta["pad_id"], torch.device("cpu"))
     auc = (clean[:, None] > noise[None, :]).mean() + 0.5 * (clean[:, None] == noise[None, :]).mean()
@@ -200,7 +196,7 @@ def test_cli_trains_and_prints_a_summary(toy, tmp_path):
 
 
 def test_document_stream_resumes_at_its_position(toy):
-    encode = make_encoder(load_tokenizer(toy["tokenizer"]), 16)
+    encode = prefix_encoder(load_tokenizer(toy["tokenizer"]), 16)
     stream = DocumentStream([toy["root"] / "pool.jsonl"], encode, seed=3, buffer=100)
     stream.next_batch(250)
     position = dict(stream.position)
@@ -212,7 +208,8 @@ def test_document_stream_resumes_at_its_position(toy):
 def _fake_pretrain_run(root, vocab_size: int, tokenizer_path) -> str:
     """A pretraining run directory with one checkpoint, in the format ``engine.models.checkpoints`` writes."""
     from engine.models.checkpoints import write_checkpoint
-    from engine.models.presets import build_causal_lm, pythia_tiny
+    from engine.models.families import build_causal_lm
+    from engine.models.presets import pythia_tiny
 
     model = build_causal_lm(pythia_tiny(), vocab_size, seed=5)
     write_checkpoint(root / "checkpoints", 10, model_state=model.state_dict(), optimizer_state={},

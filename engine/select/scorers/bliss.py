@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.bliss.score_model import ScoreModel, load_score_model
+from engine.bliss.artifacts import artifact_tokenizer, find_score_model, load_score_model
+from engine.bliss.score_model import ScoreModel
 from engine.data.collate import collate
 from engine.errors import UserError
-from engine.run_dir import file_sha256
-from engine.select.scorers.base import ShardBatch
+from engine.select.scorers.base import ModelScorer, ScorerContext, ShardBatch
 
-SCORE_MODEL_FILE = "score-model.pt"
 MAX_LENGTH_SPREAD = 1.5
 """A sub-batch closes early (once it has ``MIN_SUB_BATCH`` pieces) when the next, longer piece would pad
 its first one by more than this factor: on the embedded sample this lifted the share of real tokens in
@@ -31,29 +30,6 @@ MIN_TAIL_FRACTION = 0.25
 document has an earlier chunk): a few trailing tokens should not weigh as much as a full chunk."""
 
 
-def find_checkpoint(source: str, runs_dir: Path) -> Path:
-    """The score model file named by ``source``: a checkpoint file, a run folder, or a run name."""
-    path = Path(source)
-    if path.is_file():
-        return path
-    for run in ([path] if path.is_dir() else []) + [Path(runs_dir) / source]:
-        for candidate in (run / "checkpoints" / SCORE_MODEL_FILE, run / SCORE_MODEL_FILE):
-            if candidate.is_file():
-                return candidate
-        if run.is_dir():
-            raise UserError(f"run {run} has no score model yet; train one with: blissctl train-scorer --run {run.name}")
-    raise UserError(f"--scorer-run {source}: no such run in {runs_dir} and no such checkpoint file")
-
-
-def find_tokenizer(checkpoint: Path) -> Path:
-    """The tokenizer the score model was trained with: beside the checkpoint or in its run folder."""
-    for candidate in (checkpoint.parent / "tokenizer.json", checkpoint.parent.parent / "tokenizer.json"):
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"no tokenizer.json beside {checkpoint} or in its run folder: the score model needs the "
-                    "tokenizer it was trained with")
-
-
 def chunk_document(tokens: np.ndarray, seq_len: int, chunks: int) -> list[np.ndarray]:
     """Up to ``chunks`` consecutive pieces of ``seq_len`` tokens (at least one piece, maybe empty)."""
     pieces = [tokens[start : start + seq_len] for start in range(0, min(len(tokens), seq_len * chunks), seq_len)]
@@ -62,25 +38,18 @@ def chunk_document(tokens: np.ndarray, seq_len: int, chunks: int) -> list[np.nda
     return pieces or [tokens[:0]]
 
 
-class BlissScorer:
+class BlissScorer(ModelScorer):
     """The trained score model as a ``select`` scorer (satisfies ``engine.select.scorers.base.Scorer``)."""
 
     name = "bliss"
-    needs_tokens = True
 
-    def __init__(self, model: ScoreModel, *, checkpoint: Path, tokenizer_path: Path, device: torch.device,
+    def __init__(self, model: ScoreModel, *, checkpoint: Path, tokenizer_path: Path, device: str | torch.device,
                  seq_len: int, chunks: int, batch_size: int, pad_id: int, meta: dict[str, Any]):
-        self.model = model
-        self.checkpoint = checkpoint
-        self.tokenizer_path = tokenizer_path
-        self.device = device
-        self.seq_len = seq_len
+        super().__init__(model, checkpoint=checkpoint, tokenizer_path=tokenizer_path, device=str(device),
+                         seq_len=seq_len, batch_size=batch_size, pad_id=pad_id)
         self.chunks = chunks
-        self.batch_size = batch_size
-        self.pad_id = pad_id
         self.meta = meta
         self.max_tokens = seq_len * chunks
-        self._sha256: str | None = None
 
     @classmethod
     def load(cls, source: str, runs_dir: Path, *, device: str = "cpu", seq_len: int | None = None,
@@ -88,17 +57,12 @@ class BlissScorer:
         """Load the score model of run ``source`` under ``runs_dir`` (or the checkpoint file ``source``)."""
         if chunks < 1:
             raise UserError(f"--chunks must be at least 1 (got {chunks})")
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
-        if seq_len is not None and seq_len < 1:
-            raise UserError(f"--seq-len must be at least 1 (got {seq_len})")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine")
-        checkpoint = find_checkpoint(source, Path(runs_dir))
-        tokenizer_path = find_tokenizer(checkpoint)
+        cls.check_options(device=device, seq_len=seq_len, batch_size=batch_size)
+        checkpoint = find_score_model(source, runs_dir)
+        tokenizer_path = artifact_tokenizer(checkpoint)
         model, meta = load_score_model(checkpoint, device=device)
         return cls(model, checkpoint=checkpoint.resolve(), tokenizer_path=tokenizer_path.resolve(),
-                   device=torch.device(device), seq_len=seq_len or int(meta["seq_len"]), chunks=chunks,
+                   device=device, seq_len=seq_len or int(meta["seq_len"]), chunks=chunks,
                    batch_size=batch_size, pad_id=int(meta["pad_id"]), meta=meta)
 
     def sub_batches(self, lengths: list[int]) -> list[np.ndarray]:
@@ -121,8 +85,7 @@ class BlissScorer:
         out = np.empty(len(pieces), dtype=np.float32)
         for idx in self.sub_batches([len(p) for p in pieces]):
             ids, mask = collate([pieces[i] for i in idx], self.pad_id, self.device)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                                enabled=self.device.type == "cuda"):
+            with self.autocast():
                 scores = self.model(ids, mask)
             out[idx] = scores.float().cpu().numpy()
         return out
@@ -144,8 +107,11 @@ class BlissScorer:
         n = len(batch.token_ids)
         return (np.bincount(owner, weights=scores, minlength=n) / np.bincount(owner, minlength=n)).astype(np.float32)
 
-    def describe(self) -> dict[str, Any]:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.checkpoint)
-        return {"name": self.name, "checkpoint": str(self.checkpoint), "checkpoint_sha256": self._sha256,
-                "outer_step": self.meta.get("outer_step"), "seq_len": self.seq_len, "chunks": self.chunks}
+    def identity(self) -> dict[str, Any]:
+        return {"outer_step": self.meta.get("outer_step"), "seq_len": self.seq_len, "chunks": self.chunks}
+
+
+def build(context: ScorerContext) -> BlissScorer:
+    config = context.config
+    return BlissScorer.load(config.scorer_run, Path(config.runs_dir), device=config.device, seq_len=config.seq_len,
+                            chunks=config.chunks, batch_size=config.batch_size)

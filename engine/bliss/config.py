@@ -1,0 +1,154 @@
+"""``TrainScorerConfig``: everything ``train-scorer`` needs, shared by the CLI, the loop and the
+outer step, and what a ``--resume`` must not change."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+from engine.models.presets import model_preset
+from engine.run_dir import check_config_integers
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainScorerConfig:
+    """Everything ``train-scorer`` needs; the CLI builds it from flags (names below are the flags)."""
+
+    train: tuple[str, ...]
+    """``--train``: files, folders or globs of training documents (the candidate pool)."""
+    val: str
+    """``--val``: the validation documents whose loss the score model learns to lower."""
+    proxy: str = "14m"
+    """``--proxy``: model preset of the proxy LM (and of the score model's backbone)."""
+    steps: int = 200
+    """``--steps``: outer (bilevel) steps."""
+    warmup_steps: int = 100
+    """``--warmup-steps``: plain LM steps of the proxy on random training data before the bilevel phase."""
+    inner_steps: int = 5
+    """``--inner-steps``: K, proxy AdamW steps per outer step."""
+    gamma: float = 1e-2
+    """``--gamma``: weight of KL(target ‖ proxy); ignored (0) without ``--target``."""
+    l2: float = 1e-7
+    """``--l2``: λ, weight of ‖θp‖² in the lower objective."""
+    z_steps: int = 3
+    """``--z-steps``: gradient steps of the linear solve (H + μI) z = v."""
+    z_lr: float = 1e-2
+    """``--z-lr``: η_z, step size of the z-solve."""
+    z_damping: float = 1e-2
+    """``--z-damping``: μ, added to the Hessian's diagonal."""
+    z_clip: float = 1.0
+    """``--z-clip``: per-tensor norm bound of each z update (0: no clipping)."""
+    z_init: float = 0.0
+    """``--z-init``: the constant z starts from at every outer step."""
+    lr_proxy: float | None = None
+    """``--lr-proxy``: peak learning rate of the proxy (default: the preset's Pythia learning rate)."""
+    lr_scorer: float = 1e-4
+    """``--lr-scorer``: peak learning rate of the score model."""
+    weight_decay: float = 0.1
+    """``--weight-decay``: AdamW weight decay of both models (matrices only)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """``--grad-clip``: global gradient-norm clipping of both models (0: off)."""
+    lr_warmup_fraction: float = 0.1
+    """Fraction of each cosine schedule spent warming the learning rate up linearly."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedules end at this fraction of their peak."""
+    batch_size: int = 32
+    """``--batch-size``: training documents per inner step (and in the batch the score model is trained on)."""
+    val_batch_size: int = 32
+    """``--val-batch-size``: validation documents per outer step."""
+    seq_len: int = 256
+    """``--seq-len``: tokens per document (its first ``seq_len``; shorter ones are padded and masked)."""
+    target: str | None = None
+    """``--target``: pretraining checkpoint supplying the KL term; frozen, eval mode, no gradient."""
+    tokenizer: str | None = None
+    """``--tokenizer``: tokenizer.json, folder or hub id; default: a BPE trained on ``--train``, saved in the run."""
+    vocab_size: int = 8192
+    """``--vocab-size``: vocabulary of the default BPE tokenizer."""
+    device: str = "auto"
+    """``--device``: ``cpu``, ``cuda`` or ``auto`` (cuda when available)."""
+    hypergrad: str = "graph"
+    """``--hypergrad``: ``graph`` (one reverse pass through ∇θp g's graph) or ``jvp`` (forward-mode c_i)."""
+    hypergrad_chunk: int = 0
+    """``--hypergrad-chunk``: documents per forward-mode pass of the ``jvp`` route (0: the whole batch);
+    exact either way, a smaller chunk keeps that route's memory flat as the batch grows."""
+    seed: int = 0
+    """``--seed``: model init, data order and validation batches."""
+    probe_docs: int = 256
+    """``--probe-docs``: documents of the fixed probe set whose score histogram is logged."""
+    histogram_every: int = 25
+    """``--histogram-every``: outer steps between score histograms of the probe set."""
+    checkpoint_every: int = 50
+    """``--checkpoint-every``: steps (warm-up and outer) between checkpoints."""
+    val_docs: int = 256
+    """``--val-docs``: validation documents the final validation loss is measured on."""
+    shuffle_buffer: int = 1024
+    """``--shuffle-buffer``: documents shuffled together while streaming the pool."""
+    resume: bool = False
+    """``--resume``: continue from the run's last checkpoint."""
+
+    def __post_init__(self) -> None:
+        check_config_integers(self)
+        if isinstance(self.train, (str, Path)):
+            object.__setattr__(self, "train", (str(self.train),))
+        if not self.train:
+            raise UserError("--train: give at least one file, folder or glob")
+        model_preset(self.proxy)  # raises a one-line error naming the valid presets
+        positive_ints = {
+            "--steps": self.steps, "--inner-steps": self.inner_steps, "--batch-size": self.batch_size,
+            "--val-batch-size": self.val_batch_size, "--histogram-every": self.histogram_every,
+            "--checkpoint-every": self.checkpoint_every, "--val-docs": self.val_docs,
+            "--shuffle-buffer": self.shuffle_buffer, "--probe-docs": self.probe_docs,
+        }
+        for flag, value in positive_ints.items():
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1 (got {value})")
+        for flag, value in {"--warmup-steps": self.warmup_steps, "--z-steps": self.z_steps,
+                            "--hypergrad-chunk": self.hypergrad_chunk}.items():
+            if value < 0:
+                raise UserError(f"{flag} must be 0 or more (got {value})")
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be at least 2 (got {self.seq_len})")
+        non_negative = {"--gamma": self.gamma, "--l2": self.l2, "--z-damping": self.z_damping,
+                        "--z-clip": self.z_clip, "--weight-decay": self.weight_decay,
+                        "--grad-clip": self.grad_clip}
+        for flag, value in non_negative.items():
+            if not (value >= 0 and math.isfinite(value)):
+                raise UserError(f"{flag} must be a finite number ≥ 0 (got {value})")
+        positive = {"--z-lr": self.z_lr, "--lr-scorer": self.lr_scorer}
+        if self.lr_proxy is not None:
+            positive["--lr-proxy"] = self.lr_proxy
+        for flag, value in positive.items():
+            if not (value > 0 and math.isfinite(value)):
+                raise UserError(f"{flag} must be a positive number (got {value})")
+        if not (0 <= self.lr_warmup_fraction < 1 and 0 <= self.min_lr_ratio <= 1):
+            raise UserError("learning-rate schedule: warm-up fraction must be in [0, 1), min ratio in [0, 1]")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UserError("AdamW betas must be in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"--device must be cpu, cuda or auto (got {self.device!r})")
+        if self.hypergrad not in ("graph", "jvp"):
+            raise UserError(f"--hypergrad must be graph or jvp (got {self.hypergrad!r})")
+        if self.seed < 0:
+            raise UserError(f"--seed must be 0 or more (got {self.seed})")
+
+
+RESUME_KEYS = ("proxy", "seq_len", "batch_size", "steps", "warmup_steps", "inner_steps", "seed", "tokenizer",
+               "vocab_size", "hypergrad", "shuffle_buffer", "train", "val")
+
+
+def resume_keys(config: TrainScorerConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(config, k)) for k in RESUME_KEYS)}
+
+
+def check_resumable(saved: dict[str, Any], config: TrainScorerConfig) -> None:
+    """A resume must not silently change what the checkpoint means."""
+    now = resume_keys(config)
+    changed = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} → {now[k]!r})" for k in changed)
+        raise UserError(f"cannot resume: changed since the checkpoint: {flags}")

@@ -1,0 +1,118 @@
+"""``SelectConfig``: everything ``blissctl select`` needs, and what its progress display is told."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.data.tokenizer import DEFAULT_VOCAB_SIZE
+from engine.errors import UserError
+from engine.run_dir import check_config_integers
+from engine.select.budget import Budget, parse_budget
+from engine.select.scorers import scorer_entry
+
+UNITS = ("tokens", "docs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectConfig:
+    """Everything ``blissctl select`` needs; the CLI builds it from flags."""
+
+    inputs: tuple[str, ...] = ()
+    """Files, folders or globs of ``*.json.gz`` / ``*.jsonl.zst`` / ``*.jsonl``; empty: the embedded sample."""
+    budget: str = "30%"
+    """Share of the pool (``30%``) or an absolute amount (``2M``) in ``unit``."""
+    unit: str = "tokens"
+    """``tokens`` or ``docs``: what the budget counts."""
+    scorer: str = "random"
+    """A scorer of the registry (``engine.select.scorers``): ``random``, ``bliss``, ``perplexity``, ``dsir``."""
+    scorer_run: str | None = None
+    """For ``bliss`` and ``perplexity``: a train-scorer run name under ``runs_dir``, or a checkpoint path."""
+    val: str | None = None
+    """For ``dsir``: the target documents (files, folders or globs), as ``train-scorer --val`` takes them."""
+    device: str = "cpu"
+    """Where the score model runs: ``cpu`` or ``cuda``."""
+    seq_len: int | None = None
+    """Tokens of each document the scorer sees (its first ``seq_len``); default: the score model's
+    training length for ``bliss``, 512 for ``random`` (where it only bounds exact token counting)."""
+    chunks: int = 1
+    """``bliss``: average the scores of up to this many ``seq_len`` chunks of each document."""
+    batch_size: int = 64
+    """Documents per score-model forward pass."""
+    temperature: float = 0.0
+    """Gumbel-top-k temperature: 0 keeps the top scores deterministically; above 0 samples."""
+    seed: int = 0
+    """Seeds the random scorer and the Gumbel noise (both hashed from document ids)."""
+    workers: int = 2
+    """Reader processes (decompress, parse, tokenise); 0 reads in the main process."""
+    tokenizer: str | None = None
+    """A tokenizer.json or hub id; default: train a byte-level BPE on the input, saved in the run."""
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    """Vocabulary of the default trained tokenizer."""
+    exact_token_counts: bool = False
+    """Tokenise whole documents for exact counts instead of extrapolating past the scored prefix."""
+    resume: bool = False
+    """Continue an interrupted run: shards already scored are not scored again."""
+    force: bool = False
+    """Discard this run's earlier selection (only the files ``select`` wrote) and start again."""
+    runs_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        check_config_integers(self)
+        if self.resume and self.force:
+            raise UserError("--resume and --force contradict each other: choose one")
+        if self.unit not in UNITS:
+            raise UserError(f"--unit {self.unit!r}: choose tokens or docs")
+        entry = scorer_entry(self.scorer)  # a one-line error naming the registered scorers
+        if entry.needs_run and not self.scorer_run:
+            raise UserError(f"--scorer {self.scorer} needs --scorer-run NAME (a train-scorer run) or a checkpoint path")
+        if entry.needs_val and not self.val:
+            raise UserError(f"--scorer {self.scorer} needs --val FILE: the target documents to select towards")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UserError(f"--temperature {self.temperature}: must be 0 or more")
+        if self.workers < 0:
+            raise UserError(f"--workers {self.workers}: must be 0 or more")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise UserError(f"--seq-len {self.seq_len}: must be at least 1")
+        if self.chunks < 1:
+            raise UserError(f"--chunks {self.chunks}: must be at least 1")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be at least 1")
+        parse_budget(self.budget)  # fail on the flag, before any work
+
+    @property
+    def parsed_budget(self) -> Budget:
+        return parse_budget(self.budget)
+
+    def scoring_identity(self) -> dict[str, Any]:
+        """What the score files depend on: a resume must not mix scores made differently."""
+        return {
+            "scorer": self.scorer,
+            "scorer_run": self.scorer_run,
+            "val": self.val if scorer_entry(self.scorer).needs_val else None,
+            "seed": self.seed if self.scorer == "random" else None,
+            "seq_len": self.seq_len,
+            "chunks": self.chunks,
+            "tokenizer": self.tokenizer,
+            "vocab_size": self.vocab_size if self.tokenizer is None else None,
+            "exact_token_counts": self.exact_token_counts,
+        }
+
+
+@dataclass(frozen=True)
+class SelectProgress:
+    """What a progress display needs; ``phase`` is scoring, selecting, writing or done."""
+
+    phase: str
+    completed: float = 0.0
+    total: float = 0.0
+    docs_seen: int = 0
+    docs_per_s: float = 0.0
+    mb_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    skipped: int = 0
+
+
+ProgressCallback = Callable[[SelectProgress], None]
