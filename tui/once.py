@@ -4,20 +4,26 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from tui.events import read_all
+from tui.events import EventTail
 from tui.render import run_summary
 from tui.runs import RunSource
 from tui.state import RunState
 
 
 def load_run(source: RunSource) -> RunState:
-    """Fold every event the run's log holds now."""
+    """Fold every event the run's log holds now, a slice at a time: memory stays flat however long the
+    log is (a 200 MB log is folded in 1 MB reads, never held whole)."""
     run = RunState(source.name, source.path)
-    batch = read_all(source.events_path)
-    run.exists = batch.exists
-    run.bad_lines = batch.bad_lines
-    run.fold_all(batch.events)
-    return run
+    tail = EventTail(source.events_path)
+    while True:
+        batch = tail.read()
+        run.exists = batch.exists
+        run.bad_lines += batch.bad_lines
+        if batch.restarted:
+            run.restart()
+        run.fold_all(batch.events)
+        if not batch.more:
+            return run
 
 
 def print_summaries(sources: list[RunSource], console: Console) -> list[RunState]:

@@ -232,6 +232,10 @@ class RunState:
                 self.histograms[event.stage] = Histogram(
                     histogram.stage, histogram.edges, histogram.counts, threshold
                 )
+        elif kind == "error" and event.data.get("interrupted") is True:  # Ctrl-C: resumable, not a failure
+            stage.status = "interrupted"
+            message = event.data.get("message")
+            stage.message = str(message) if message is not None else None
         elif kind == "error":
             stage.status = "error"
             message = event.data.get("message")

@@ -27,8 +27,10 @@ import numpy as np
 import orjson
 
 from engine.data.sources import SkipCounts, discover_shards, read_documents
+from engine.data.tokenizer import encode_long
 from engine.errors import UserError
 from engine.run_dir import atomic_write_json, atomic_write_with, file_sha256
+from engine.runtime import die_with_parent
 
 FORMAT_VERSION = 1
 ENCODE_BATCH = 512
@@ -86,7 +88,8 @@ def open_packed(data_dir: Path, split: str) -> PackedData:
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     # One Rust thread per worker process: the pool already uses every core.
     os.environ["RAYON_RS_NUM_CPUS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -97,10 +100,9 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode(texts: list[str], eot_id: int, dtype: np.dtype) -> np.ndarray:
-    encoded = _worker_tokenizer.encode_batch(texts, add_special_tokens=False)
     pieces = []
-    for enc in encoded:
-        pieces.append(np.asarray(enc.ids, dtype=dtype))
+    for ids in encode_long(_worker_tokenizer, texts):
+        pieces.append(np.asarray(ids, dtype=dtype))
         pieces.append(np.asarray([eot_id], dtype=dtype))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
@@ -212,7 +214,7 @@ def pack_split(
         n_workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
         # spawn, not fork: the parent may hold torch or tokenizer thread pools that do not survive fork.
         context = multiprocessing.get_context("spawn")
-        with context.Pool(n_workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+        with context.Pool(n_workers, initializer=_init_worker, initargs=(str(tokenizer_path), os.getpid())) as pool:
             for i, header in zip(todo, pool.imap(_pack_shard, jobs), strict=True):
                 headers[i] = header
                 done += 1
@@ -262,8 +264,8 @@ def tokenize_text_stream(texts: Sequence[str], tokenizer, *, leading_eot: bool =
     n_bytes = 0
     for start in range(0, len(texts), ENCODE_BATCH):
         chunk = list(texts[start : start + ENCODE_BATCH])
-        for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
-            ids.extend(enc.ids)
+        for doc_ids in encode_long(tokenizer, chunk):
+            ids.extend(doc_ids)
             ids.append(eot_id)
         n_bytes += sum(len(t.encode("utf-8")) for t in chunk)
     return np.asarray(ids, dtype=np.int64), n_bytes

@@ -5,9 +5,13 @@ so that a run never needs the network.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from engine.errors import UserError
@@ -17,6 +21,12 @@ PADDING = "<|padding|>"
 DEFAULT_VOCAB_SIZE = 8192
 TRAINING_SAMPLE_CHARS = 30_000_000
 """Characters of input text a default tokenizer is trained on: enough for a stable 8k vocabulary."""
+SAMPLE_CHARS_PER_DOCUMENT = 1 << 17
+"""At most this much of any one document goes into that sample: a single 50 MB line must not become
+the tokenizer's whole training set (and several GB of its memory)."""
+ENCODE_PIECE_CHARS = 1 << 20
+"""Documents longer than this are tokenised in pieces cut at a space (``encode_long``), so one huge
+document costs memory for one piece at a time, not for the whole of it at once."""
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
@@ -31,10 +41,53 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
             raise UserError(f"cannot load tokenizer {path}: {error}") from None
     if path.suffix == ".json" or "/" not in str(spec) or str(spec).startswith((".", "/")):
         raise UserError(f"tokenizer not found: {spec} (give a tokenizer.json, a folder holding one, or a hub id)")
-    try:  # a hub id such as EleutherAI/pythia-160m: only where the user has network
-        return Tokenizer.from_pretrained(str(spec))
+    return _hub_tokenizer(str(spec))
+
+
+HUB_HOST = "huggingface.co"
+OFFLINE_HINT = "give a local tokenizer.json instead (e.g. ../shared/tokenizers/gpt-neox-20b/tokenizer.json)"
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub answers a TCP connection within ``timeout`` seconds, name lookup included (run in
+    a thread, since a hanging DNS lookup ignores socket timeouts)."""
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered and answered[0])
+
+
+def _hub_tokenizer(repo: str) -> Tokenizer:
+    """A hub id such as EleutherAI/pythia-160m: from the local Hugging Face cache if it is there, else
+    from the hub, only where there is network. Offline it fails at once, not after a minute of retries."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "tokenizer.json")
+    except Exception:  # a malformed id, or no huggingface_hub: treat as not cached
+        cached = None
+    if isinstance(cached, str) and Path(cached).is_file():
+        return Tokenizer.from_file(cached)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"--tokenizer {repo!r} is a hub id, the hub is offline (HF_HUB_OFFLINE is set) and it is not "
+                        f"in the local cache; {OFFLINE_HINT}")
+    behind_proxy = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not behind_proxy and not hub_reachable():
+        raise UserError(f"--tokenizer {repo!r} is a hub id, but this machine cannot reach the Hugging Face hub "
+                        f"(offline?); {OFFLINE_HINT}")
+    try:
+        return Tokenizer.from_pretrained(repo)
     except Exception as error:
-        raise UserError(f"cannot load tokenizer {spec!r} from the hub: {error}") from None
+        raise UserError(f"cannot load tokenizer {repo!r} from the hub: {str(error).splitlines()[0]}") from None
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
@@ -65,8 +118,9 @@ def training_sample(shards: Sequence[Path], max_chars: int = TRAINING_SAMPLE_CHA
     for path in shards:
         taken = 0
         for doc in read_documents([path]):
-            yield doc.text
-            taken += len(doc.text)
+            text = doc.text[:SAMPLE_CHARS_PER_DOCUMENT]
+            yield text
+            taken += len(text)
             if taken >= per_shard:
                 break
 
@@ -80,6 +134,38 @@ def sample_for_training(texts: Iterable[str], max_chars: int = TRAINING_SAMPLE_C
         if total >= max_chars:
             break
     return sample
+
+
+def split_long_text(text: str, max_chars: int = ENCODE_PIECE_CHARS) -> list[str]:
+    """``text`` in pieces of at most about ``max_chars``, each cut just before a space that follows a
+    non-space, where a byte-level BPE's pre-tokenizer splits anyway, so the pieces' tokens are the whole
+    text's tokens (a text with no such space is cut where it must be)."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = text.rfind(" ", start + max_chars // 2, start + max_chars)
+        while cut > start and text[cut - 1].isspace():  # inside a run of spaces: cut before the run
+            cut -= 1
+        if cut <= start:
+            cut = start + max_chars
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_long(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` (no special tokens), the long ones tokenised piece by piece."""
+    if all(len(t) <= ENCODE_PIECE_CHARS for t in texts):  # the usual case: one call for the batch
+        return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    out: list[list[int]] = []
+    for text in texts:
+        ids: list[int] = []
+        for piece in split_long_text(text):
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False).ids)
+        out.append(ids)
+    return out
 
 
 def end_of_text_id(tokenizer: Tokenizer) -> int:
@@ -113,3 +199,19 @@ def resolve_tokenizer(
 
     atomic_write_bytes(save_to, tokenizer.to_str().encode())
     return tokenizer
+
+
+def prefix_encoder(tokenizer, seq_len: int) -> Callable[[list[str]], list[np.ndarray]]:
+    """Texts → int32 arrays of their first ``seq_len`` token ids."""
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.no_padding()
+    tok.enable_truncation(max_length=seq_len)
+    max_chars = seq_len * 32  # a token is rarely longer; spares tokenising whole books for 256 tokens
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        encodings = tok.encode_batch([t[:max_chars] for t in texts])
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    return encode

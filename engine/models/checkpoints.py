@@ -29,6 +29,7 @@ import orjson
 
 from engine.errors import UserError
 from engine.models.presets import ModelConfig
+from engine.models.torch_files import load_torch_file, load_weights
 from engine.run_dir import atomic_write_bytes
 
 LATEST = "latest"
@@ -73,9 +74,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise UserError(f"no checkpoint in {path} (give a checkpoints/step_NNNNNN folder or a pretrain run directory)")
 
 
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run directory a checkpoint folder belongs to (``runs/<name>``)."""
-    return checkpoint.parent.parent
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint folder belongs to (``runs/<name>``), or ``None`` for a checkpoint
+    folder that is not inside a run's ``checkpoints/`` (then nothing is written beside it)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
 
 
 # --- RNG state ----------------------------------------------------------------------------------
@@ -153,25 +156,51 @@ def write_checkpoint(
 # --- reading ------------------------------------------------------------------------------------
 
 
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path.parent}: not a blissctl checkpoint (no {path.name})") from None
+    except orjson.JSONDecodeError:
+        raise UserError(f"{path}: not a blissctl checkpoint ({what} is not valid JSON)") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a blissctl checkpoint ({what} is not a JSON object)")
+    return data
+
+
 def read_meta(checkpoint: Path) -> dict:
-    return orjson.loads((checkpoint / "meta.json").read_bytes())
+    meta = _read_json(checkpoint / "meta.json", "meta.json")
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("vocab_size"), int):
+        raise UserError(f"{checkpoint / 'meta.json'}: not a blissctl checkpoint (no model or vocab_size)")
+    return meta
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
-    return orjson.loads((checkpoint / "state.json").read_bytes())
+    return _read_json(checkpoint / "state.json", "state.json")
 
 
 def model_config_from_meta(meta: dict) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    try:
+        return ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    except TypeError as error:
+        raise UserError(f"not a blissctl checkpoint: its model description is incomplete ({error})") from None
 
 
 def checkpoint_tokenizer_path(checkpoint: Path) -> Path:
     """The tokenizer a checkpoint was trained with: its own copy, else the run's."""
-    for candidate in (checkpoint / "tokenizer.json", run_dir_of(checkpoint) / "tokenizer.json"):
+    run = run_dir_of(checkpoint)
+    for candidate in (checkpoint / "tokenizer.json", *([run / "tokenizer.json"] if run is not None else [])):
         if candidate.exists():
             return candidate
     raise UserError(f"no tokenizer.json beside checkpoint {checkpoint}")
+
+
+def load_training_states(checkpoint: Path) -> tuple[dict, dict, list]:
+    """``(model state, optimiser state, per-rank RNG states)`` of a checkpoint, read as data only."""
+    return (load_torch_file(checkpoint / "model.pt", what="checkpoint model"),
+            load_torch_file(checkpoint / "optimizer.pt", what="checkpoint optimiser state"),
+            load_torch_file(checkpoint / "rng.pt", what="checkpoint RNG state"))
 
 
 def load_pretrained_model(checkpoint_path: str | os.PathLike, *, device: str = "cpu"):
@@ -181,15 +210,12 @@ def load_pretrained_model(checkpoint_path: str | os.PathLike, *, device: str = "
     float32 and eval mode, on ``device``; the tokenizer path points at the ``tokenizer.json`` it was
     trained with.
     """
-    import torch
-
-    from engine.models.presets import build_causal_lm
+    from engine.models.families import build_causal_lm
 
     checkpoint = resolve_checkpoint(checkpoint_path)
     meta = read_meta(checkpoint)
     model = build_causal_lm(model_config_from_meta(meta), meta["vocab_size"])
-    state = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    state = load_torch_file(checkpoint / "model.pt", what="checkpoint model")
+    load_weights(model, state, path=checkpoint / "model.pt", what="checkpoint model")
     model.to(device).eval()
     return model, checkpoint_tokenizer_path(checkpoint)
-

@@ -43,7 +43,11 @@ def parse_budget(spec: str) -> Budget:
         if number > 100:
             raise UserError(f"--budget {spec}: a share cannot exceed 100%")
         return Budget(spec=spec, fraction=number / 100)
-    amount = int(round(number * _SUFFIXES[suffix]))
+    exact = number * _SUFFIXES[suffix]
+    if abs(exact - round(exact)) > 1e-9 * max(1.0, exact):
+        raise UserError(f"--budget {spec}: give a whole number of documents or tokens ({exact:g} is not), "
+                        "or a percentage")
+    amount = int(round(exact))
     if amount <= 0:
         raise UserError(f"--budget {spec}: a budget of 0 keeps nothing; give a positive amount")
     return Budget(spec=spec, amount=amount)
