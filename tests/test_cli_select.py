@@ -66,8 +66,20 @@ def test_default_run_selects_from_the_embedded_sample(tmp_path):
     assert "documents" in result.output and "9,600" in result.output
     manifest = (tmp_path / "demo" / "selected" / "manifest.json").read_text()
     assert '"kept"' in manifest
+    import orjson
+
+    first = orjson.loads(manifest)
+    tokens = first["tokens"]
+    assert 0.29 * tokens["seen"] <= tokens["kept"] <= 0.30 * tokens["seen"]  # 30% of the tokens, the default
+    assert f"{first['documents']['kept']:,}" in result.output and f"{tokens['kept']:,}" in result.output
+    assert first["scorer"] == {"name": "random", "seed": 0}
     again = runner.invoke(app, ["select", "--runs-dir", str(tmp_path), "--run", "demo", "--force", "--budget", "10%"])
     assert again.exit_code == 0, again.output
+    second = orjson.loads((tmp_path / "demo" / "selected" / "manifest.json").read_bytes())
+    assert second["budget"]["spec"] == "10%" and second["tokens"]["kept"] <= 0.10 * second["tokens"]["seen"]
+    assert f"{second['tokens']['kept']:,}" in again.output
+    kept = read_selection(tmp_path / "demo")
+    assert sum(data.count(b"\n") for data in kept.values()) == second["documents"]["kept"]  # the files hold them all
 
 
 def test_ctrl_c_then_resume_gives_the_uninterrupted_selection(tmp_path, small_tokenizer):

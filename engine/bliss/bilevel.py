@@ -16,7 +16,6 @@ neither (BLISS.md, implementation notes). ``differentiable_attention()`` selects
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -195,10 +194,3 @@ def per_sample_directional_losses(model: nn.Module, input_ids: Tensor, attention
 def surrogate_upper_loss(scores: Tensor, c: Tensor) -> Tensor:
     """−Σ_i softmax(s)_i · c_i with c held fixed: its gradient in θs is the hypergradient (scalar)."""
     return -(batch_weights(scores) * c.detach().to(scores.dtype)).sum()
-
-
-@contextlib.contextmanager
-def no_autocast(device_type: str):
-    """fp32 region inside a bf16 autocast (the z-solve stays in fp32)."""
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield

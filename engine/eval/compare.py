@@ -185,18 +185,6 @@ def composition(manifest: Mapping[str, Any]) -> dict[str, float]:
     return dict(sorted(shares.items(), key=lambda item: -item[1]))
 
 
-def kept_fraction_by_source(manifest: Mapping[str, Any]) -> dict[str, float]:
-    """Share of each source's tokens that the subset keeps (how hard the method favours or avoids it)."""
-    by_source = manifest.get("by_source") or {}
-    return {name: (f["tokens_kept"] / f["tokens_seen"] if f["tokens_seen"] else 0.0) for name, f in by_source.items()}
-
-
-def top_sources(manifest: Mapping[str, Any], n: int = 3) -> str:
-    """``"austen_novels 21%, brown_corpus 12%, …"``: the ``n`` largest sources of the subset by tokens."""
-    shares = composition(manifest)
-    return ", ".join(f"{name} {share:.0%}" for name, share in list(shares.items())[:n]) or "-"
-
-
 def format_speedup(value: float | None) -> str:
     return "not reached" if value is None or not math.isfinite(value) else f"{value:.2f}×"
 

@@ -207,10 +207,31 @@ def test_prefix_tokenisation_matches_full_tokenisation(small_tokenizer):
     assert error.max() < 0.15  # extrapolated counts stay close
 
 
-def test_outputs_are_written_atomically(tmp_path, corpus, small_tokenizer):
+def test_outputs_are_written_atomically(tmp_path, corpus, small_tokenizer, monkeypatch):
     _, run_dir = select(tmp_path, "r", corpus, small_tokenizer)
     leftovers = [p for p in Path(run_dir.root).rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     for path in run_dir.selected.glob("*.zst"):  # every output is a complete zstd stream
         with open(path, "rb") as f:
             assert zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(f)).read()
+
+    # A write that fails half-way (here: the input goes away after 50 lines) leaves the previous
+    # selection's file as it was, and no temporary file behind.
+    import errno
+
+    import engine.select.writer as writer
+
+    before = {p.name: p.read_bytes() for p in run_dir.selected.glob("*.zst")}
+    real = writer.iter_raw_lines
+
+    def failing(path, *args):
+        for number, line in enumerate(real(path, *args)):
+            if number == 50:
+                raise OSError(errno.EIO, "input/output error")
+            yield line
+
+    monkeypatch.setattr(writer, "iter_raw_lines", failing)
+    with pytest.raises(OSError):
+        select(tmp_path, "r", corpus, small_tokenizer, resume=True, budget="80%")
+    assert {p.name: p.read_bytes() for p in run_dir.selected.glob("*.zst")} == before
+    assert [p for p in Path(run_dir.root).rglob("*") if p.name.endswith(".tmp")] == []
