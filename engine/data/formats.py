@@ -8,6 +8,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -33,45 +34,36 @@ def _chunks(path: Path, position: ReadPosition | None = None) -> Iterator[bytes]
             yield chunk
 
 
-def _zstd_stream(path: Path, position: ReadPosition | None) -> Iterator[bytes]:
-    """Decompressed bytes of every frame of a zstd file; ends with an error if the last frame is cut."""
-    decompressor = zstandard.ZstdDecompressor()
-    dobj = decompressor.decompressobj()
+def _frames(path: Path, position: ReadPosition | None, new_decoder: Callable[[], Any], cut: str) -> Iterator[bytes]:
+    """Decompressed bytes of every frame (zstd) or member (gzip) of a file, one after the other, as
+    ``cat`` of the parts would give them; ends with ``EOFError(cut)`` if the last part is cut short."""
+    decoder = new_decoder()
     started = False
     for chunk in _chunks(path, position):
         while chunk:
             started = True
-            out = dobj.decompress(chunk)
+            out = decoder.decompress(chunk)
             if out:
                 yield out
-            if dobj.eof:  # frame finished: the rest of the chunk starts the next frame
-                chunk = dobj.unused_data
-                dobj = decompressor.decompressobj()
+            if decoder.eof:  # this part is finished: the rest of the chunk starts the next one
+                chunk = decoder.unused_data
+                decoder = new_decoder()
                 started = False
             else:
                 chunk = b""
-    if started and not dobj.eof:
-        raise EOFError("zstd stream ends inside a frame (truncated file)")
+    if started and not decoder.eof:
+        raise EOFError(cut)
+
+
+def _zstd_stream(path: Path, position: ReadPosition | None) -> Iterator[bytes]:
+    return _frames(path, position, zstandard.ZstdDecompressor().decompressobj,
+                   "zstd stream ends inside a frame (truncated file)")
 
 
 def _gzip_stream(path: Path, position: ReadPosition | None) -> Iterator[bytes]:
-    """Decompressed bytes of every member of a gzip file (C4's ``*.json.gz``)."""
-    dobj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    started = False
-    for chunk in _chunks(path, position):
-        while chunk:
-            started = True
-            out = dobj.decompress(chunk)
-            if out:
-                yield out
-            if dobj.eof:
-                chunk = dobj.unused_data
-                dobj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-                started = False
-            else:
-                chunk = b""
-    if started and not dobj.eof:
-        raise EOFError("gzip stream ends inside a member (truncated file)")
+    """C4's ``*.json.gz`` are multi-member gzip files."""
+    return _frames(path, position, lambda: zlib.decompressobj(wbits=16 + zlib.MAX_WBITS),
+                   "gzip stream ends inside a member (truncated file)")
 
 
 @dataclass(frozen=True)
