@@ -194,7 +194,7 @@ def test_curve_thins_evenly():
 
 
 def test_train_scorer_fraction_over_warmup_and_steps_wins_over_step_counts():
-    # engine/train_scorer.py sends `progress` with one fraction over warm-up and outer steps, between
+    # engine/bliss/train.py sends `progress` with one fraction over warm-up and outer steps, between
     # its `warmup`/`step` events: the bar must not jump between the two measures.
     events = [e for e in read_all(FIXTURES / "full-run" / "events.jsonl").events if e.stage == "train-scorer"]
     run = RunState("r")
