@@ -43,6 +43,7 @@ def pretrain_command(
     fsdp: Annotated[bool | None, Opt("--fsdp/--no-fsdp", help="Shard with FSDP instead of DDP. Default: on from 1b up.")] = None,  # noqa: E501
     compile_model: Annotated[bool | None, Opt("--compile/--no-compile", help="torch.compile the transformer blocks.")] = None,  # noqa: E501
     device: Annotated[str | None, Opt("--device", help="auto, cuda or cpu. Default: auto.")] = None,
+    tensorboard: Annotated[bool | None, Opt("--tensorboard/--no-tensorboard", help="Also write TensorBoard scalars in runs/NAME/tensorboard/. Default: on.")] = None,  # noqa: E501
     nproc_per_node: Annotated[int | None, Opt("--nproc-per-node", help="Processes on this node. Default: GPUs, or 1 on CPU.")] = None,  # noqa: E501
     nnodes: Annotated[int, Opt("--nnodes", help="Nodes taking part.")] = 1,
     node_rank: Annotated[int | None, Opt("--node-rank", help="This node's rank (static rendezvous).")] = None,
@@ -63,6 +64,6 @@ def pretrain_command(
         "seq_len": seq_len, "lr": lr, "global_batch_tokens": global_batch_tokens, "micro_batch": micro_batch,
         "steps": steps, "tokens": tokens, "warmup_frac": warmup, "seed": seed, "save_every": save_every,
         "keep": keep, "eval_every": eval_every, "eval_tokens": eval_tokens, "log_every": log_every,
-        "fsdp": fsdp, "compile": compile_model, "device": device,
+        "fsdp": fsdp, "compile": compile_model, "device": device, "tensorboard": tensorboard,
     }
     launch_pretrain(flags, launch, RunDir.named(run, runs_dir), say=lambda line: console.print(line, soft_wrap=True))

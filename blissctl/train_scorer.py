@@ -53,6 +53,7 @@ def train_scorer_command(
     histogram_every: Annotated[int, typer.Option("--histogram-every", help="Outer steps between score histograms.", rich_help_panel=RUN)] = 25,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.", rich_help_panel=RUN)] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.", rich_help_panel=RUN)] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard scalars in runs/NAME/tensorboard/.", rich_help_panel=RUN)] = True,
 ) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -68,6 +69,7 @@ def train_scorer_command(
         weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size, val_batch_size=val_batch_size,
         seq_len=seq_len, target=target, tokenizer=tokenizer, vocab_size=vocab_size, device=device, seed=seed,
         probe_docs=probe_docs, histogram_every=histogram_every, checkpoint_every=checkpoint_every, resume=resume,
+        tensorboard=tensorboard,
     )
     run_dir = RunDir.named(f"bliss-{proxy}" if run is None else run, runs_dir)
     total = config.warmup_steps + config.steps

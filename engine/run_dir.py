@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -141,18 +142,44 @@ def check_config_integers(config: Any) -> None:
             raise UserError(f"--{f.name.replace('_', '-')} {value}: too large (at most {INT64_MAX})")
 
 
+class TensorBoardMirror:
+    """The numeric figures of every event that has a ``step``, as TensorBoard scalars in
+    ``runs/<name>/tensorboard/<stage>/`` (what litgpt and torchtitan users point ``tensorboard --logdir``
+    at). Tags: ``stage/name`` for ``step`` events, ``stage/kind/name`` for the others (``pretrain/eval/loss_val``)."""
+
+    def __init__(self, folder: Path, stage: str):
+        from torch.utils.tensorboard import SummaryWriter  # only stages that train import this
+
+        self.stage = stage
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def write(self, kind: str, figures: dict[str, Any]) -> None:
+        step = figures.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            return
+        prefix = self.stage if kind == "step" else f"{self.stage}/{kind}"
+        for name, value in figures.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class EventLog:
     """Append-only ``events.jsonl``: every line has ``ts``, ``stage`` and ``kind``, then the figures.
 
     Lines are written whole with one ``write`` on an ``O_APPEND`` descriptor and flushed at once, so a
     reader tailing the file sees complete lines (or, after a crash, at most one half-written last line).
+    A ``TensorBoardMirror`` sees the same events.
     """
 
-    def __init__(self, path: Path, stage: str, enabled: bool = True):
+    def __init__(self, path: Path, stage: str, enabled: bool = True, mirror: TensorBoardMirror | None = None):
         self.path = path
         self.stage = stage
         self.enabled = enabled
         self.last_kind: str | None = None
+        self.mirror = mirror
         self._fd: int | None = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +194,8 @@ class EventLog:
         except OSError as error:
             raise _with_filename(error, self.path) from None
         self.last_kind = kind
+        if self.mirror is not None:
+            self.mirror.write(kind, figures)
 
     def emit_if_possible(self, kind: str, **figures: Any) -> None:
         """Emit, unless the disk or the figures make that impossible: used on the way out of a failure,
@@ -178,6 +207,9 @@ class EventLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
 
     def __enter__(self) -> EventLog:
         return self
@@ -286,7 +318,7 @@ RUN_OUTPUTS = (
     "config.json", "events.jsonl", "tokenizer.json", "pretrain_config.json", LOCK_FILE, TRAINER_LOCK_FILE,
     "dsir-model.npz", "dsir-model.json",
     "scores/*.scores.npz", "selected/*.jsonl.zst", "selected/manifest.json", "report/*.md", "report/*.json",
-    "checkpoints/**", "data/**",
+    "checkpoints/**", "data/**", "tensorboard/**",
 )
 
 
@@ -336,8 +368,14 @@ class RunDir:
     def create(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def events(self, stage: str, enabled: bool = True) -> EventLog:
-        return EventLog(self.events_path, stage, enabled=enabled)
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    def events(self, stage: str, enabled: bool = True, tensorboard: bool = False) -> EventLog:
+        """The event log for ``stage``; with ``tensorboard`` its figures also go to TensorBoard files."""
+        mirror = TensorBoardMirror(self.tensorboard / stage, stage) if enabled and tensorboard else None
+        return EventLog(self.events_path, stage, enabled=enabled, mirror=mirror)
 
     def lock(self, stage: str, *, name: str = LOCK_FILE, wait_s: float = 0.0) -> RunLock:
         """Take the run's lock for ``stage`` (a one-line error naming the holder if it is taken)."""
@@ -345,12 +383,13 @@ class RunDir:
         return RunLock(self.root / name, stage).acquire(wait_s=wait_s)
 
     def open_stage(self, stage: str, *, main: bool = True, lock: bool = True, lock_name: str = LOCK_FILE,
-                   wait_s: float = 0.0) -> StageSession:
-        """Start ``stage`` in this run: its lock (on the main rank) and event log. Close the session with
-        ``session.close(error_or_None)``; ``stage()`` is the same as a ``with`` block."""
+                   wait_s: float = 0.0, tensorboard: bool = False) -> StageSession:
+        """Start ``stage`` in this run: its lock (on the main rank) and event log (mirrored to TensorBoard
+        with ``tensorboard``). Close the session with ``session.close(error_or_None)``; ``stage()`` is the
+        same as a ``with`` block."""
         held = self.lock(stage, name=lock_name, wait_s=wait_s) if main and lock else None
         try:
-            events = self.events(stage, enabled=main)
+            events = self.events(stage, enabled=main, tensorboard=tensorboard)
         except BaseException:
             if held is not None:
                 held.release()
@@ -359,12 +398,13 @@ class RunDir:
 
     @contextlib.contextmanager
     def stage(self, stage: str, *, main: bool = True, lock: bool = True, lock_name: str = LOCK_FILE,
-              wait_s: float = 0.0) -> Iterator[StageSession]:
+              wait_s: float = 0.0, tensorboard: bool = False) -> Iterator[StageSession]:
         """Run ``stage`` in this run: lock (on the main rank), event log, and a last event on failure.
 
         Other ranks of a torchrun job (``main=False``) get a session whose event log writes nothing.
         """
-        session = self.open_stage(stage, main=main, lock=lock, lock_name=lock_name, wait_s=wait_s)
+        session = self.open_stage(stage, main=main, lock=lock, lock_name=lock_name, wait_s=wait_s,
+                                  tensorboard=tensorboard)
         try:
             yield session
         except BaseException as error:
@@ -445,7 +485,7 @@ class RunDir:
         """Remove everything any stage writes in this run (``demo --force``), then the run folder if it
         is left empty."""
         removed = self.discard(RUN_OUTPUTS)
-        for folder in ("checkpoints", "data", "scores", "selected", "report"):
+        for folder in ("checkpoints", "data", "scores", "selected", "report", "tensorboard"):
             path = self.root / folder
             if path.is_dir() and not path.is_symlink():
                 # Empty folders a stage made (e.g. data/parts/...): remove bottom-up, stop at anything left.

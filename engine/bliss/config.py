@@ -90,6 +90,8 @@ class TrainScorerConfig:
     """``--shuffle-buffer``: documents shuffled together while streaming the pool."""
     resume: bool = False
     """``--resume``: continue from the run's last checkpoint."""
+    tensorboard: bool = True
+    """``--tensorboard/--no-tensorboard``: also write the figures as TensorBoard scalars in the run."""
 
     def __post_init__(self) -> None:
         check_config_integers(self)

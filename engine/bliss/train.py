@@ -272,7 +272,7 @@ def run_train_scorer(config: TrainScorerConfig, run_dir: RunDir,
     """Train the score model into ``run_dir`` (see the module docstring); ``on_event(kind, figures)`` sees
     every event as it is written (the CLI's progress bar)."""
     device = resolve_device(config.device)
-    with run_dir.stage(STAGE) as session:
+    with run_dir.stage(STAGE, tensorboard=config.tensorboard) as session:
         state = saved_state(config, run_dir)
         training = build_training(config, run_dir, device, state)
         loop = restore(training, state) if state is not None else LoopState()

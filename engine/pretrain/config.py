@@ -70,6 +70,8 @@ class PretrainConfig:
     """``torch.compile`` each transformer block (``--compile``)."""
     device: str = "auto"
     """``auto`` (CUDA if present), ``cuda`` or ``cpu`` (``--device``)."""
+    tensorboard: bool = True
+    """Also write the figures as TensorBoard scalars in the run (``--tensorboard/--no-tensorboard``)."""
 
     def __post_init__(self) -> None:
         check_config_integers(self)

@@ -211,7 +211,8 @@ def train(config: PretrainConfig, *, resume: bool = False, stop_after: int | Non
     """
     rt = runtime or start_runtime(config.device)
     run = RunDir(Path(config.run_dir))
-    with run.stage(STAGE, main=rt.is_main, lock_name=TRAINER_LOCK_FILE, wait_s=TRAINER_LOCK_WAIT_S) as session:
+    with run.stage(STAGE, main=rt.is_main, lock_name=TRAINER_LOCK_FILE, wait_s=TRAINER_LOCK_WAIT_S,
+                   tensorboard=config.tensorboard) as session:
         training = build_training(config, rt, run)
         latest = ckpts.latest_checkpoint(run.checkpoints)
         if latest is not None and not resume:
