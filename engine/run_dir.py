@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import math
@@ -45,6 +46,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A run name: one folder name of safe characters (so ``..``, ``a/b``, ``/abs`` and ``''`` are refused)."""
 
 LOCK_FILE = ".lock"
+LOCKS_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 TRAINER_LOCK_FILE = ".trainer.lock"
 
 
@@ -239,7 +241,12 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError as error:
+                if error.errno in LOCKS_UNSUPPORTED:  # a file system without locks: nothing to enforce with
+                    break
+                if not isinstance(error, BlockingIOError):
+                    os.close(fd)
+                    raise _with_filename(error, self.path) from None
                 if time.monotonic() >= deadline:
                     holder = self._holder(fd)
                     os.close(fd)
