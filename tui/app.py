@@ -25,7 +25,15 @@ from textual.worker import get_current_worker
 from tui.events import EventTail, TailBatch
 from tui.runs import RunSource, discover_runs
 from tui.state import PRETRAIN_CURVES, SCORER_CURVES, RunState
-from tui.widgets import HelpScreen, LossChart, RunList, ScoreHistogramChart, StagesPanel, ThroughputPanel
+from tui.widgets import (
+    HelpScreen,
+    LossChart,
+    RunList,
+    ScoreHistogramChart,
+    StagesPanel,
+    TasksPanel,
+    ThroughputPanel,
+)
 
 
 class EventsRead(Message):
@@ -48,6 +56,7 @@ class DashboardApp(App[None]):
     #scorer-loss, #pretrain-loss, #histogram { border: round $primary-darken-1; }
     #histogram { width: 2fr; }
     #throughput { width: 1fr; border: round $primary-darken-1; padding: 0 1; }
+    #tasks { width: auto; min-width: 36; border: round $primary-darken-1; padding: 0 1; }
     .throughput-sparkline { height: 2; margin-bottom: 1; }
     """
     BINDINGS = [
@@ -93,6 +102,9 @@ class DashboardApp(App[None]):
                 with Horizontal(id="curves"):
                     yield LossChart("train-scorer loss", SCORER_CURVES, "train-scorer", id="scorer-loss")
                     yield LossChart("pretrain loss", PRETRAIN_CURVES, "pretrain", id="pretrain-loss")
+                    tasks = TasksPanel(id="tasks")
+                    tasks.border_title = "zero-shot accuracy, %"
+                    yield tasks
                 with Horizontal(id="bottom"):
                     yield ScoreHistogramChart(id="histogram")
                     throughput = ThroughputPanel(id="throughput")
@@ -106,7 +118,7 @@ class DashboardApp(App[None]):
         self._run_list = self.query_one(RunList)
         self._stages_panel = self.query_one(StagesPanel)
         self._curves_row = self.query_one("#curves")
-        self._views = list(self.query("#stages, #scorer-loss, #pretrain-loss, #histogram, #throughput"))
+        self._views = list(self.query("#stages, #scorer-loss, #pretrain-loss, #tasks, #histogram, #throughput"))
         for source in self._pending:
             self._follow(source)
         self._pending.clear()
@@ -195,7 +207,7 @@ class DashboardApp(App[None]):
             for widget in self._views:
                 widget.show_run(run)  # type: ignore[attr-defined]
             # A run that only selects has no loss yet: give its histogram the room until one arrives.
-            self._curves_row.display = any(len(curve) for curve in run.curves.values())
+            self._curves_row.display = any(len(curve) for curve in run.curves.values()) or bool(run.tasks)
         self._changed.clear()
         self._update_subtitle()
 

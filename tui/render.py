@@ -187,6 +187,22 @@ def histogram_caption(histogram: Histogram) -> str:
     return caption
 
 
+def tasks_table(run: RunState) -> Table:
+    """Zero-shot accuracy per task, in percent, the paper's way (score = acc_norm where there is one)."""
+    table = Table(box=None, padding=(0, 1), header_style="bold")
+    for column in ("task", "acc", "acc_norm", "score"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    for name, task in run.tasks.items():
+        table.add_row(name, percent(task.acc), percent(task.acc_norm), percent(task.score))
+    if run.tasks_average is not None:
+        table.add_row(Text("average", style="bold"), "", "", Text(percent(run.tasks_average), style="bold"))
+    return table
+
+
 def run_summary(run: RunState, now: float | None = None) -> Panel:
     """Everything ``--once`` prints about one run."""
     parts: list[RenderableType] = [stages_table(run, bar_width=12, wide=False)]
@@ -210,6 +226,9 @@ def run_summary(run: RunState, now: float | None = None) -> Panel:
         figures.add_row(f"eval {key}", human_number(value))
     if figures.row_count:
         parts += [Text(""), figures]
+
+    if run.tasks:
+        parts += [Text(""), Text("zero-shot accuracy, % (blissctl eval --tasks)", style="bold"), tasks_table(run)]
 
     histogram = run.histogram()
     if histogram is not None:

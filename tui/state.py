@@ -153,6 +153,23 @@ class Throughput:
     recent: deque = field(default_factory=lambda: deque(maxlen=SPARKLINE_POINTS))
 
 
+MAX_TASKS = 32
+
+
+@dataclass(frozen=True)
+class TaskAccuracy:
+    """One downstream task's zero-shot accuracy (fractions in [0, 1]; acc_norm None where none)."""
+
+    acc: float | None
+    acc_norm: float | None
+    n: float | None
+
+    @property
+    def score(self) -> float | None:
+        """What the paper's table lists: acc_norm where there is one, else acc."""
+        return self.acc_norm if self.acc_norm is not None else self.acc
+
+
 class RunState:
     """Everything the dashboard shows about one run, folded from its events."""
 
@@ -169,6 +186,9 @@ class RunState:
         self.histograms: dict[str, Histogram] = {}
         self.throughput: dict[str, Throughput] = {key: Throughput(label) for key, label in THROUGHPUT.items()}
         self.evaluation: dict[str, float] = {}
+        self.tasks: dict[str, TaskAccuracy] = {}
+        """Zero-shot accuracy per downstream task, from the latest ``tasks`` event of ``blissctl eval``."""
+        self.tasks_average: float | None = None
         self.errors: deque[tuple[str, str]] = deque(maxlen=MAX_ERRORS)
         self.events = 0
         self.bad_lines = 0
@@ -245,6 +265,8 @@ class RunState:
             stage.status = kind
         elif kind == "eval":
             self._fold_eval(stage, event)
+        elif kind == "tasks":
+            self._fold_tasks(stage, event)
         else:
             self.ignored += 1  # shown generically through the stage's figures; nothing else to do
 
@@ -345,6 +367,19 @@ class RunState:
                 value = event.number(key)
                 if value is not None:
                     self.evaluation[key] = value
+
+    def _fold_tasks(self, stage: StageState, event: Event) -> None:
+        names = event.data.get("tasks")
+        if not isinstance(names, list):
+            return
+        stage.status, stage.fraction = "done", 1.0
+        self.tasks = {}
+        for name in names[:MAX_TASKS]:
+            if isinstance(name, str):
+                self.tasks[name] = TaskAccuracy(acc=event.number(f"{name}_acc"),
+                                                acc_norm=event.number(f"{name}_acc_norm"),
+                                                n=event.number(f"{name}_n"))
+        self.tasks_average = event.number("average_score")
 
     # --- reading -------------------------------------------------------------------------------
 

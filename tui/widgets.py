@@ -19,6 +19,7 @@ from tui.render import (
     human_number,
     run_footer,
     stages_table,
+    tasks_table,
 )
 from tui.state import THROUGHPUT, RunState
 
@@ -68,6 +69,15 @@ class StagesPanel(Static):
     def show_freshness(self, run: RunState) -> None:
         """How long ago the last event came: redrawn every tick, so a stalled run looks stalled."""
         self.border_subtitle = run_footer(run).plain
+
+
+class TasksPanel(Static):
+    """Zero-shot accuracy per downstream task (``blissctl eval --tasks``), beside the loss curves."""
+
+    def show_run(self, run: RunState) -> None:
+        self.display = bool(run.tasks)
+        if run.tasks:
+            self.update(tasks_table(run))
 
 
 class LossChart(PlotextPlot):

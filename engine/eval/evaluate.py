@@ -12,6 +12,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,13 +121,22 @@ class EvalConfig:
     checkpoint: str
     """``--checkpoint``: a ``checkpoints/step_NNNNNN`` folder, or a pretrain run directory (its latest)."""
     val: str | None = None
-    """``--val``: held-out documents; default: the ``--val`` the run was pretrained with."""
+    """``--val``: held-out documents; default: the ``--val`` the run was pretrained with (none with
+    ``--tasks`` alone)."""
     seq_len: int | None = None
     """``--seq-len``: tokens per window; default: the training length."""
     batch_size: int = 8
     """``--batch``: windows per forward pass."""
     device: str = "auto"
     """``--device``: auto, cuda or cpu."""
+    tasks: tuple[str, ...] = ()
+    """``--tasks``: lm-eval tasks to score zero-shot (``paper``: the BLISS paper's nine)."""
+    task_data: str | None = None
+    """``--task-data``: the folder holding each task's examples (``engine.eval.tasks``)."""
+    task_batch_size: int = 16
+    """``--task-batch``: examples per lm-eval forward pass."""
+    task_limit: int | None = None
+    """``--task-limit``: at most this many examples per task (a quick look, not the paper's figure)."""
 
     def __post_init__(self) -> None:
         from engine.errors import UserError
@@ -139,40 +149,90 @@ class EvalConfig:
             raise UserError(f"--seq-len must be at least 1, got {self.seq_len}")
         if self.batch_size < 1:
             raise UserError(f"--batch must be at least 1, got {self.batch_size}")
+        if self.tasks and not self.task_data:
+            raise UserError("--tasks needs --task-data DIR: the folder holding each task's examples "
+                            "(see the README, 'Downstream evaluation')")
+        if self.task_data and not self.tasks:
+            raise UserError("--task-data is only used with --tasks (e.g. --tasks paper)")
+
+    def task_config(self):
+        from engine.eval.tasks import TaskEvalConfig
+
+        return TaskEvalConfig(tasks=self.tasks, task_data=Path(self.task_data), batch_size=self.task_batch_size,
+                              device=self.device, limit=self.task_limit)
 
 
 @dataclass(frozen=True)
 class EvalOutcome:
-    result: EvalResult
+    result: EvalResult | None
+    """Validation loss, perplexity and bits per byte (None when only tasks were asked for)."""
     checkpoint: Path
     """The checkpoint folder evaluated."""
     recorded_in: Path | None
     """The run whose events.jsonl got the ``eval`` event; None for a checkpoint outside a run."""
-    val: str
+    val: str | None
+    tasks: Any | None = None
+    """``engine.eval.tasks.TaskResults`` when ``--tasks`` was given."""
 
 
 def run_eval(config: EvalConfig) -> EvalOutcome:
-    """Evaluate the checkpoint and append an ``eval`` event to its run (when it is inside one)."""
+    """Evaluate the checkpoint (validation loss, and with ``tasks`` zero-shot accuracy) and record it
+    in its run (when it is inside one): ``eval`` and ``tasks`` events, and ``report/eval.md``."""
     from engine.errors import UserError
     from engine.models.checkpoints import resolve_checkpoint, run_dir_of
     from engine.run_dir import RunDir
 
+    task_config = config.task_config() if config.tasks else None  # flag errors before any work
     folder = resolve_checkpoint(config.checkpoint)
     run_root = run_dir_of(folder)
     run = RunDir(run_root) if run_root is not None else None
     val = config.val
-    if val is None:
+    if val is None and not config.tasks:
         val = (run.read_config().get("pretrain", {}).get("val") if run is not None else None)
         if not val:
             raise UserError("--val is required: this checkpoint was trained without a validation set")
-    result, _ = evaluate_checkpoint(folder, val, seq_len=config.seq_len, batch_size=config.batch_size,
-                                    device=config.device)
+    result = None
+    if val is not None:
+        result, _ = evaluate_checkpoint(folder, val, seq_len=config.seq_len, batch_size=config.batch_size,
+                                        device=config.device)
+    tasks = None
+    if task_config is not None:
+        from engine.eval.tasks import hf_tokenizer, run_tasks
+        from engine.models.checkpoints import load_pretrained_model
+
+        model, tokenizer_path = load_pretrained_model(folder)
+        tasks = run_tasks(model, hf_tokenizer(tokenizer_path), task_config)
     if run is not None:
         with run.events("eval") as events:
-            events.emit("eval", loss_val=result.loss, perplexity=result.perplexity,
-                        bits_per_byte=result.bits_per_byte, checkpoint=str(folder), tokens=result.tokens,
-                        bytes=result.bytes, val=str(val))
-    return EvalOutcome(result=result, checkpoint=folder, recorded_in=run.root if run is not None else None, val=str(val))
+            if result is not None:
+                events.emit("eval", loss_val=result.loss, perplexity=result.perplexity,
+                            bits_per_byte=result.bits_per_byte, checkpoint=str(folder), tokens=result.tokens,
+                            bytes=result.bytes, val=str(val))
+            if tasks is not None:
+                events.emit("tasks", checkpoint=str(folder), **tasks.as_event())
+        from engine.run_dir import atomic_write_bytes
+
+        atomic_write_bytes(run.report / "eval.md", eval_report(folder, result, val, tasks).encode())
+    return EvalOutcome(result=result, checkpoint=folder, recorded_in=run.root if run is not None else None,
+                       val=str(val) if val is not None else None, tasks=tasks)
+
+
+def eval_report(checkpoint: Path, result: EvalResult | None, val: str | None, tasks) -> str:
+    """``report/eval.md``: the latest evaluation of the run, in the paper's table for the tasks."""
+    lines = [f"# Evaluation: {checkpoint}", ""]
+    if result is not None:
+        bits = f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "-"
+        lines += [f"- validation ({val}): loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+                  f"bits per byte {bits} ({result.tokens:,} tokens)", ""]
+    if tasks is not None:
+        from engine.eval.compare import markdown_table
+        from engine.eval.tasks import format_table
+
+        header, *rows = format_table(tasks)
+        lines += [f"Zero-shot accuracy (lm-eval {tasks.lm_eval_version}, {tasks.num_fewshot}-shot"
+                  + (f", at most {tasks.limit} examples a task" if tasks.limit else "") + "), in percent:", "",
+                  markdown_table(header, rows), ""]
+    return "\n".join(lines)
 
 
 def evaluate_checkpoint(
