@@ -44,12 +44,13 @@ def _help(doc: str | None) -> str:
 def _register() -> None:
     # Each command module imports torch and friends lazily, inside its command, so that
     # `blissctl --help` stays quick.
-    from blissctl import dashboard, demo, eval, pretrain, select, train_scorer
+    from blissctl import dashboard, demo, eval, export, pretrain, select, train_scorer
 
     app.command("train-scorer", help=_help(train_scorer.__doc__))(train_scorer.train_scorer_command)
     app.command("select", help=_help(select.__doc__))(select.select_command)
     app.command("pretrain", help=_help(pretrain.__doc__))(pretrain.pretrain_command)
     app.command("eval", help=_help(eval.__doc__))(eval.eval_command)
+    app.command("export", help=_help(export.__doc__))(export.export_command)
     app.command("dashboard", help=_help(dashboard.__doc__))(dashboard.dashboard_command)
     app.command("demo", help=_help(demo.__doc__))(demo.demo_command)
 

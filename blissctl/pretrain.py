@@ -52,13 +52,14 @@ def pretrain_command(
     resume: Annotated[bool, Opt("--resume", help="Continue the run from its latest checkpoint.")] = False,
     stop_after: Annotated[int | None, Opt("--stop-after", help="Stop (with a checkpoint) after N steps of this launch, e.g. for a time-limited job.")] = None,  # noqa: E501
     dry_run: Annotated[bool, Opt("--dry-run", help="Print the torchrun command and settings; write nothing.")] = False,
+    export_hf: Annotated[bool, Opt("--export-hf", help="When training ends, write the model as a Hugging Face directory in RUNS_DIR/RUN/hf/ (blissctl export does it for any checkpoint).")] = False,  # noqa: E501
 ) -> None:
     from engine.pretrain.launch import LaunchConfig, launch_pretrain
     from engine.run_dir import RunDir
 
     launch = LaunchConfig(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                           rdzv_endpoint=rdzv_endpoint, workers=workers, resume=resume, stop_after=stop_after,
-                          dry_run=dry_run)
+                          dry_run=dry_run, export_hf=export_hf)
     flags = {
         "data": tuple(data) if data else None, "size": size, "val": val, "tokenizer": tokenizer,
         "seq_len": seq_len, "lr": lr, "global_batch_tokens": global_batch_tokens, "micro_batch": micro_batch,

@@ -325,7 +325,7 @@ RUN_OUTPUTS = (
     "config.json", "events.jsonl", "tokenizer.json", "pretrain_config.json", LOCK_FILE, TRAINER_LOCK_FILE,
     "dsir-model.npz", "dsir-model.json",
     "scores/*.scores.npz", "selected/*.jsonl.zst", "selected/manifest.json", "report/*.md", "report/*.json",
-    "checkpoints/**", "data/**", "tensorboard/**",
+    "checkpoints/**", "data/**", "tensorboard/**", "hf/**",
 )
 
 
@@ -492,7 +492,7 @@ class RunDir:
         """Remove everything any stage writes in this run (``demo --force``), then the run folder if it
         is left empty."""
         removed = self.discard(RUN_OUTPUTS)
-        for folder in ("checkpoints", "data", "scores", "selected", "report", "tensorboard"):
+        for folder in ("checkpoints", "data", "scores", "selected", "report", "tensorboard", "hf"):
             path = self.root / folder
             if path.is_dir() and not path.is_symlink():
                 # Empty folders a stage made (e.g. data/parts/...): remove bottom-up, stop at anything left.

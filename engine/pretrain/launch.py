@@ -360,6 +360,8 @@ class LaunchConfig:
     resume: bool = False
     stop_after: int | None = None
     dry_run: bool = False
+    export_hf: bool = False
+    """Write the trained model as a Hugging Face directory, ``runs/<name>/hf/``, when training ends."""
 
     def __post_init__(self) -> None:
         if self.stop_after is not None and self.stop_after < 1:
@@ -434,3 +436,15 @@ def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, sa
         if finished.explained:  # the trainer's own line said what went wrong: nothing to add
             raise ReportedError(f"torchrun exited with status {finished.code}", code=2)
         raise UserError(f"training failed (torchrun exited with status {finished.code}); see the messages above")
+    if launch.export_hf and launch.takes_the_run_lock:
+        from engine.models.export import export_hf
+
+        # Here, in the launcher, not on the trainer ranks: no GPU memory, and one writer.
+        with run.lock(STAGE):
+            exported = export_hf(run.root, hf_export_path(run), force=True)
+        say(f"Hugging Face model: {exported.path} (AutoModelForCausalLM.from_pretrained, lm-eval, vLLM)")
+
+
+def hf_export_path(run: RunDir) -> Path:
+    """Where ``pretrain --export-hf`` puts the Hugging Face directory: inside the run."""
+    return run.root / "hf"
