@@ -65,6 +65,12 @@ NOTES = RESULTS / "quality_notes.md"
 BOOKS = BOOK_SOURCES
 
 
+def last_tasks(run: Path) -> dict | None:
+    """The last ``blissctl eval --tasks`` result of a pretraining run, if any."""
+    found = [e for e in read_events(run, "eval") if e.get("kind") == "tasks"]
+    return found[-1] if found else None
+
+
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -173,6 +179,10 @@ def pretrain_arms(args, work: Path, held_out: Path) -> None:
         if last_eval(work / lm) is None:
             cost = run_logged(blissctl(*eval_argv(checkpoint=work / lm, val=str(held_out))), log, args.threads)
             save_cost(work, f"eval:{lm}", cost)
+        if args.task_data and last_tasks(work / lm) is None:  # the paper's nine, zero-shot
+            cost = run_logged(blissctl("eval", "--checkpoint", str(work / lm), "--tasks", "paper", "--task-data",
+                                       str(args.task_data), "--device", "cpu"), log, args.threads)
+            save_cost(work, f"tasks:{lm}", cost)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for future in [pool.submit(one, arm, run) for arm, run in arm_runs(args).items()]:
@@ -228,6 +238,7 @@ def report(args, work: Path) -> dict:
             "selection_cost": selection_note,
             "pretrain_cpu_s": pretrain.get("cpu_s"),
             "pretrain_wall_s": pretrain.get("wall_s"),
+            "tasks_average": (last_tasks(work / f"{run}-lm") or {}).get("average_score"),
         }
     steps = -(-args.tokens // args.batch_tokens)
     return {
@@ -330,8 +341,14 @@ def readme(result: dict) -> str:
         rows.append([name, arm["documents_kept"], arm["tokens_kept"], arm["val_loss"], arm["bits_per_byte"],
                      speed, f"{arm['books_share']:.0%}", round(arm["selection_cpu_s"]),
                      round(arm["pretrain_cpu_s"]) if arm["pretrain_cpu_s"] is not None else None])
-    summary = markdown_table(["method", "docs kept", "tokens kept", "val loss", "bits/byte", "speed-up vs random",
-                              "books share", "selection CPU-s", "pretrain CPU-s"], rows)
+    columns = ["method", "docs kept", "tokens kept", "val loss", "bits/byte", "speed-up vs random", "books share",
+               "selection CPU-s", "pretrain CPU-s"]
+    if any(arm.get("tasks_average") is not None for arm in arms.values()):  # --task-data was given
+        columns.append("9-task avg %")
+        for row, arm in zip(rows, arms.values(), strict=True):
+            average = arm.get("tasks_average")
+            row.append(None if average is None else round(100 * average, 1))
+    summary = markdown_table(columns, rows)
     header, curve_rows = loss_table({name: [tuple(p) for p in arm["curve"]] for name, arm in arms.items()})
     curves = markdown_table(header, curve_rows)
     sources: list[str] = []
@@ -350,7 +367,7 @@ def readme(result: dict) -> str:
     return "\n".join([
         "## Quality: what the subsets do to training",
         "",
-        f"Pool: `../shared/corpus/pool/` (8 shards, {next(iter(arms.values()))['tokens_seen']:,} tokens with the "
+        f"Pool: `{Path(result['pool']).name}/` ({next(iter(arms.values()))['tokens_seen']:,} tokens with the "
         f"scorer's {s['scorer_seq_len']}-token-prefix counting); each method keeps {result['budget']} of the tokens. "
         f"Target: 489 of the 978 held-out narrative passages (alternate lines); the other 489 are only used for "
         f"evaluation. The `bliss` row is selection `{s['bliss_run']}`: score model `{s['scorer_run']}` "
@@ -418,6 +435,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="select's reader processes")
     parser.add_argument("--dsir-procs", type=int, default=1)
     parser.add_argument("--stop-after", choices=("subsets", "pretrain"), default=None)
+    parser.add_argument("--task-data", type=Path, default=None,
+                        help="a folder of the paper's nine tasks (README, 'Downstream evaluation'): adds their average")
     args = parser.parse_args()
     args.tokens = int(args.tokens)
     args.arms = [a for a in args.arms.split(",") if a]
