@@ -62,3 +62,19 @@ def test_eval_tasks_without_data_or_with_an_unknown_task_is_one_line(tmp_path, r
     empty = runner.invoke(app, ["eval", "--checkpoint", str(rigged_run), "--tasks", "sciq",
                                 "--task-data", str(tmp_path / "nothing")])
     assert empty.exit_code == 2 and "folder not found" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_lm_eval_scores_an_exported_model_as_it_scores_the_checkpoint(tmp_path, rigged_run):
+    """What a user with their own lm-eval does: export, then load with transformers' Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.eval.tasks import TaskEvalConfig, run_tasks
+    from engine.models.export import export_hf
+
+    exported = export_hf(rigged_run, tmp_path / "hf").path
+    model = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    data = write_task_data(tmp_path / "tasks", TASKS)
+    results = run_tasks(model, tokenizer, TaskEvalConfig(tasks=TASKS, task_data=data, device="cpu"))
+    assert [t.task for t in results.tasks] == list(TASKS)
+    assert all(t.acc == 1.0 for t in results.tasks) and results.average_score == 1.0
