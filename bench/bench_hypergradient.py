@@ -157,7 +157,7 @@ def main() -> None:
                        "--threads", str(args.threads), "--repeats", str(args.repeats), "--chunk", str(args.chunk)]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 runs[(route, batch)] = json.loads(done.stdout.strip().splitlines()[-1])
-                runs[(route, batch)]["hypergradient"] = torch.load(out)
+                runs[(route, batch)]["hypergradient"] = torch.load(out, weights_only=True)
                 print(f"{route:>9} batch {batch:>3}: {runs[(route, batch)]['time_s']:.2f} s, "
                       f"+{runs[(route, batch)]['peak_mb_above_setup']:.0f} MB", flush=True)
 

@@ -29,17 +29,9 @@ has one, else its ``validation_split``):
                                                                           answer ("1" or "2", a string as on the hub)
 
 Other fields of a row (ARC's ``id``, HellaSwag's ``ctx``, ...) are kept and ignored. A user with
-network fills the folder once::
-
-    import os
-    from datasets import load_dataset
-    from engine.eval.tasks import TASK_SPECS
-
-    for spec in TASK_SPECS.values():
-        os.makedirs(f"DIR/{spec.name}", exist_ok=True)
-        load_dataset(spec.hf_path, spec.hf_name, split=spec.split).to_json(f"DIR/{spec.name}/{spec.split}.jsonl")
-
-(If ``datasets`` refuses a dataset that still ships a loading script, e.g. ``EleutherAI/logiqa``, add
+network fills the folder once with the ``datasets`` library, one ``to_json`` per entry of
+``TASK_SPECS`` (its ``hf_path``, ``hf_name`` and ``split``): the README's "Downstream evaluation"
+section has the loop. (A dataset that still ships a loading script, e.g. ``EleutherAI/logiqa``, wants
 ``revision="refs/convert/parquet"``, the hub's converted copy.)
 
 How the local files reach lm-eval
