@@ -49,6 +49,7 @@ def pretrain_command(
     node_rank: Annotated[int | None, Opt("--node-rank", help="This node's rank (static rendezvous).")] = None,
     rdzv_endpoint: Annotated[str | None, Opt("--rdzv-endpoint", help="HOST:PORT of node 0, for --nnodes > 1.")] = None,  # noqa: E501
     workers: Annotated[int | None, Opt("--workers", help="Tokenising processes. Default: CPU count.")] = None,
+    threads: Annotated[int | None, Opt("--threads", help="Torch threads of each process. Default: cores ÷ --nproc-per-node.")] = None,  # noqa: E501
     resume: Annotated[bool, Opt("--resume", help="Continue the run from its latest checkpoint.")] = False,
     stop_after: Annotated[int | None, Opt("--stop-after", help="Stop (with a checkpoint) after N steps of this launch, e.g. for a time-limited job.")] = None,  # noqa: E501
     dry_run: Annotated[bool, Opt("--dry-run", help="Print the torchrun command and settings; write nothing.")] = False,
@@ -65,6 +66,6 @@ def pretrain_command(
         "seq_len": seq_len, "lr": lr, "global_batch_tokens": global_batch_tokens, "micro_batch": micro_batch,
         "steps": steps, "tokens": tokens, "warmup_frac": warmup, "seed": seed, "save_every": save_every,
         "keep": keep, "eval_every": eval_every, "eval_tokens": eval_tokens, "log_every": log_every,
-        "fsdp": fsdp, "compile": compile_model, "device": device, "tensorboard": tensorboard,
+        "fsdp": fsdp, "compile": compile_model, "device": device, "tensorboard": tensorboard, "threads": threads,
     }
     launch_pretrain(flags, launch, RunDir.named(run, runs_dir), say=lambda line: console.print(line, soft_wrap=True))

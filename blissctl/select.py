@@ -54,6 +54,7 @@ def select_command(
     temperature: Annotated[float, typer.Option(help="Gumbel-top-k temperature; 0 keeps the top scores exactly.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the random scorer and of the Gumbel noise.")] = 0,
     workers: Annotated[int, typer.Option(help="Reader processes (decompress, parse, tokenise); 0: none.")] = 2,
+    threads: Annotated[int | None, typer.Option(help="Torch threads of the score model. Default: the cores the reader workers leave.")] = None,
     seq_len: Annotated[
         int | None,
         typer.Option(help="Tokens of each document the scorer sees. Default: the score model's training length (bliss), 512 (random)."),
@@ -72,18 +73,24 @@ def select_command(
     force: Annotated[bool, typer.Option(help="Discard an earlier selection of this run and start again.")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("runs"),
 ) -> None:
+    import os
+
     from engine.run_dir import RunDir
-    from engine.runtime import is_main_process
+    from engine.runtime import is_main_process, plan_threads
     from engine.select.config import SelectConfig
     from engine.select.stage import run_select
+
+    plan = plan_threads(processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), workers=workers, requested=threads)
 
     config = SelectConfig(
         inputs=tuple(input or ()), budget=budget, unit=unit, scorer=scorer, scorer_run=scorer_run, device=device,
         seq_len=seq_len, chunks=chunks, batch_size=batch_size, temperature=temperature, seed=seed, workers=workers,
         tokenizer=tokenizer, vocab_size=vocab_size, exact_token_counts=exact_token_counts, resume=resume,
-        force=force, val=val, runs_dir=str(runs_dir),
+        force=force, val=val, threads=plan.threads, runs_dir=str(runs_dir),
     )
     run_dir = RunDir.named(_default_run_name(scorer, budget) if run is None else run, runs_dir)
+    if scorer in ("bliss", "perplexity") and is_main_process():
+        console.print(f"[dim]{plan.describe()}[/]")
     if not is_main_process():  # under torchrun only rank 0 talks to the terminal
         run_select(config, run_dir)
         return

@@ -35,7 +35,10 @@ def train_scorer_command(
     z_lr: Annotated[float, typer.Option("--z-lr", help="Step size of the z-solve.", rich_help_panel=OUTER)] = 1e-2,
     z_damping: Annotated[float, typer.Option("--z-damping", help="μ added to the Hessian.", rich_help_panel=OUTER)] = 1e-2,
     z_clip: Annotated[float, typer.Option("--z-clip", help="Per-tensor norm bound of each z update (0: off).", rich_help_panel=OUTER)] = 1.0,
-    hypergrad: Annotated[str, typer.Option("--hypergrad", help="graph (reverse pass through ∇g's graph) or jvp.", rich_help_panel=OUTER)] = "graph",
+    hypergrad: Annotated[str, typer.Option("--hypergrad", help="graph (reverse pass through ∇g's graph), jvp (forward mode) or fd (central differences, fast kernels, no graph).", rich_help_panel=OUTER)] = "graph",
+    z_hvp: Annotated[str, typer.Option("--z-hvp", help="Hessian-vector products of the z-solve: exact (double backward) or fd (difference of two gradients).", rich_help_panel=OUTER)] = "exact",
+    fd_step: Annotated[float, typer.Option("--fd-step", help="Finite-difference step as a share of ‖θp‖.", rich_help_panel=OUTER)] = 1e-3,
+    z_carry: Annotated[bool, typer.Option("--z-carry/--no-z-carry", help="Start each z-solve from the previous step's z (single loop).", rich_help_panel=OUTER)] = False,
     hypergrad_chunk: Annotated[int, typer.Option("--hypergrad-chunk", help="Documents per forward-mode pass of --hypergrad jvp (0: whole batch).", rich_help_panel=OUTER)] = 0,
     lr_proxy: Annotated[float | None, typer.Option("--lr-proxy", help="Proxy peak learning rate. Default: the preset's.", rich_help_panel=OUTER)] = None,
     lr_scorer: Annotated[float, typer.Option("--lr-scorer", help="Score model peak learning rate.", rich_help_panel=OUTER)] = 1e-4,
@@ -54,6 +57,7 @@ def train_scorer_command(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.", rich_help_panel=RUN)] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.", rich_help_panel=RUN)] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard scalars in runs/NAME/tensorboard/.", rich_help_panel=RUN)] = True,
+    threads: Annotated[int | None, typer.Option("--threads", help="Torch threads. Default: the machine's cores.", rich_help_panel=RUN)] = None,
 ) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -61,16 +65,23 @@ def train_scorer_command(
     from engine.bliss.train import run_train_scorer
     from engine.data.sample import sample_pool_glob, sample_val_path
     from engine.run_dir import RunDir
+    from engine.runtime import busy_hint, plan_threads
+
+    plan = plan_threads(requested=threads)
 
     config = TrainScorerConfig(
         train=tuple(train) if train else (sample_pool_glob(),), val=val or str(sample_val_path()), proxy=proxy,
         steps=steps, warmup_steps=warmup_steps, inner_steps=inner_steps, gamma=gamma, l2=l2, z_steps=z_steps,
         z_lr=z_lr, z_damping=z_damping, z_clip=z_clip, hypergrad=hypergrad, hypergrad_chunk=hypergrad_chunk, lr_proxy=lr_proxy, lr_scorer=lr_scorer,
+        z_hvp=z_hvp, fd_step=fd_step, z_carry=z_carry,
         weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size, val_batch_size=val_batch_size,
         seq_len=seq_len, target=target, tokenizer=tokenizer, vocab_size=vocab_size, device=device, seed=seed,
         probe_docs=probe_docs, histogram_every=histogram_every, checkpoint_every=checkpoint_every, resume=resume,
-        tensorboard=tensorboard,
+        tensorboard=tensorboard, threads=plan.threads,
     )
+    console.print(f"[dim]{plan.describe()}[/]")
+    if note := busy_hint(plan):
+        console.print(f"[yellow]{note}[/]")
     run_dir = RunDir.named(f"bliss-{proxy}" if run is None else run, runs_dir)
     total = config.warmup_steps + config.steps
 

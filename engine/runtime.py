@@ -163,6 +163,69 @@ def adamw_param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# --- threads --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How many torch threads this process runs, and why (printed at the start of a stage)."""
+
+    threads: int
+    cores: int
+    processes: int
+    """Processes of this stage on this machine (torchrun ranks of one node)."""
+    workers: int
+    """Reader/tokenising worker processes that share the cores with them."""
+    requested: bool
+
+    def describe(self) -> str:
+        if self.requested:
+            return f"torch threads: {self.threads} (--threads)"
+        return (f"torch threads: {self.threads} ({self.cores} core(s) ÷ {self.processes} process(es)"
+                + (f", less {self.workers} reader worker(s)" if self.workers else "") + "; --threads to change)")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container or taskset sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def plan_threads(*, processes: int = 1, workers: int = 0, requested: int | None = None) -> ThreadPlan:
+    """Threads from the cores there really are: cores ÷ processes, less the reader workers, at least one.
+
+    Decided from the machine, not from its load at the moment, so that the same command on the same
+    machine computes the same bits (thread counts change the order of floating-point reductions); a
+    machine shared with other work is told about ``--threads`` instead (``busy_hint``).
+    """
+    cores = available_cores()
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--threads must be at least 1, got {requested}")
+        return ThreadPlan(threads=requested, cores=cores, processes=processes, workers=workers, requested=True)
+    threads = max(1, (cores - workers) // max(1, processes))
+    return ThreadPlan(threads=threads, cores=cores, processes=processes, workers=workers, requested=False)
+
+
+def busy_hint(plan: ThreadPlan, interval_s: float = 0.2) -> str | None:
+    """A line for the user when other work keeps cores busy and more than one thread would wait on it:
+    a parallel region ends only when its slowest thread does, so a descheduled thread can make a stage
+    several times slower (measured: 6x for pretrain with one of two cores busy)."""
+    if plan.threads < 2 or plan.requested:
+        return None
+    try:
+        import psutil
+
+        busy = sum(psutil.cpu_percent(interval=interval_s, percpu=True)) / 100
+    except Exception:  # no psutil reading: say nothing rather than guess
+        return None
+    if busy < 0.75:
+        return None
+    return (f"note: about {busy:.1f} of {plan.cores} cores are busy with other work; with {plan.threads} torch "
+            "threads this stage may run several times slower than with --threads 1")
+
+
 # --- child processes ------------------------------------------------------------------------------
 
 PR_SET_PDEATHSIG = 1

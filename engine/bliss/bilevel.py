@@ -4,11 +4,15 @@ Notation (see BLISS.md): θp proxy parameters, θs score-model parameters, s_i =
 sample i, P = softmax(s) over the batch, L_i = mean next-token cross-entropy of sample i,
 lower objective g = Σ_i P_i L_i + γ·KL(θt ‖ θp) + λ‖θp‖², upper objective F = validation CE.
 
-The hypergradient ∇Φ(θs) = −∇²θs,θp g · z is computed without a loop over samples, two ways:
-- ``mixed_second_derivative``: one reverse pass through the graph of ∇θp g that the z-solve built
-  anyway (P still attached to the score model), asking for θs as well as θp;
-- ``per_sample_directional_losses`` + ``surrogate_upper_loss``: all c_i = ∇θp L_i · z at once as one
-  forward-mode ``torch.func.jvp``, then one backward pass of the score model on −Σ_i P_i c_i.
+The hypergradient ∇Φ(θs) = −∇²θs,θp g · z is computed without a loop over samples, three ways:
+- ``score_hypergradient`` (route ``graph``): one reverse pass through the graph of ∇θp g that the
+  z-solve built anyway (P still attached to the score model), asking for θs only;
+- ``per_sample_directional_losses`` (route ``jvp``): all c_i = ∇θp L_i · z at once as one forward-mode
+  ``torch.func.jvp``, then one backward pass of the score model on −Σ_i P_i c_i
+  (``surrogate_upper_loss``): only Σ P_i(θs) L_i(θp) depends on θs, so the scalars c_i are enough;
+- ``central_difference`` (route ``fd``): the same c_i from two forward passes at θp ± εz with the fast
+  attention kernels and no graph (the DARTS approximation, exact up to O(ε²)); Hessian-vector products
+  for the z-solve likewise, as differences of two gradients.
 
 Double backward and forward-mode AD need the MATH attention kernel: the fused SDPA kernels have
 neither (BLISS.md, implementation notes). ``differentiable_attention()`` selects it.
@@ -16,8 +20,10 @@ neither (BLISS.md, implementation notes). ``differentiable_attention()`` selects
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -118,21 +124,98 @@ def clip_per_tensor(tensors: Params, max_norm: float) -> list[Tensor]:
     return out
 
 
-def solve_z(grad_g: Params, params: Params, v: Params, *, steps: int, lr: float, damping: float,
-            clip: float = 0.0, init: float = 0.0) -> list[Tensor]:
-    """Approximately solve (H + μI) z = v by ``steps`` gradient steps z ← z − η((H + μI)z − v).
+@dataclass
+class ZSolve:
+    """The z-solve's result and what it saw on the way (logged every outer step)."""
 
-    z starts from the constant ``init`` every outer step; each update is clipped per tensor.
+    z: list[Tensor]
+    residual: float | None
+    """‖(H + μI)z − v‖ / ‖v‖ of the last iterate the solve multiplied by H (known at no extra product;
+    None when it took none)."""
+    curvature: float | None
+    """‖H z‖ / ‖z‖ of that iterate: the scale of H along z (None without a product)."""
+
+
+def solve_z_with(hvp: Callable[[list[Tensor]], list[Tensor]], v: Params, *, steps: int, lr: float, damping: float,
+                 clip: float = 0.0, init: float = 0.0, start: Params | None = None) -> ZSolve:
+    """Approximately solve (H + μI) z = v by ``steps`` gradient steps z ← z − η((H + μI)z − v), with the
+    products H·x from ``hvp`` (exact, or finite differences of gradients).
+
+    z starts from the constant ``init``, or from ``start`` (the previous outer step's z, single-loop);
+    each update is clipped per tensor.
     """
-    z = [torch.full_like(p, init).detach() for p in params]
+    z = [s.detach().clone() for s in start] if start is not None else [torch.full_like(vi, init).detach() for vi in v]
+    residual = curvature = None
+    v_norm = max(norm(v), 1e-30)
     for k in range(steps):
         # From z = 0 the first product is exactly 0: skip that pass (a third of the default solve).
-        hz = [torch.zeros_like(p) for p in params] if k == 0 and init == 0 else (
-            hessian_vector_product(grad_g, params, z))
+        from_zero = k == 0 and start is None and init == 0
+        hz = [torch.zeros_like(vi) for vi in v] if from_zero else hvp(z)
         update = [h.detach() + damping * zi - vi for h, zi, vi in zip(hz, z, v, strict=True)]
+        if not from_zero:
+            residual = norm(update) / v_norm
+            curvature = norm(hz) / max(norm(z), 1e-30)
         update = clip_per_tensor(update, clip)
         z = [zi - lr * u for zi, u in zip(z, update, strict=True)]
-    return z
+    return ZSolve(z=z, residual=residual, curvature=curvature)
+
+
+def solve_z(grad_g: Params, params: Params, v: Params, *, steps: int, lr: float, damping: float,
+            clip: float = 0.0, init: float = 0.0) -> list[Tensor]:
+    """``solve_z_with`` the exact Hessian-vector products of ``grad_g`` (built with ``create_graph``)."""
+    return solve_z_with(lambda x: hessian_vector_product(grad_g, params, x), v, steps=steps, lr=lr,
+                        damping=damping, clip=clip, init=init).z
+
+
+def cosine(xs: Params, ys: Params) -> float:
+    """cos(x, y) over all tensors: how far z turned away from v (1.0: the solve only rescaled v)."""
+    return float(dot([x.double() for x in xs], [y.double() for y in ys])) / max(norm(xs) * norm(ys), 1e-30)
+
+
+def score_hypergradient(grad_g: Params, score_params: Params, z: Params) -> list[Tensor]:
+    """∇Φ(θs) = −∇θs(∇θp g · z): one reverse pass through the graph of ∇θp g that asks for θs only
+    (exact; asking for θp too would cost about one more Hessian-vector product). ``grad_g`` must have
+    been built with the batch weights attached to the score model. Frees the graph."""
+    grads = torch.autograd.grad(grad_g, score_params, grad_outputs=list(z), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else -g for g, p in zip(grads, score_params, strict=True)]
+
+
+# --- finite differences: the fast kernels, no graph ---------------------------------------------------
+
+
+def finite_difference_step(params: Params, direction: Params, relative: float) -> float:
+    """ε for a central difference along ``direction``: ``relative`` × ‖θ‖/‖direction‖, so that the
+    step moves θ by a fixed share of its size whatever the scale of z (a fixed tiny ε loses everything
+    to cancellation; BLISS.md)."""
+    return relative * norm(params) / max(norm(direction), 1e-30)
+
+
+@contextlib.contextmanager
+def moved(params: Params, direction: Params, scale: float):
+    """θ + scale·direction inside the block; θ restored exactly (from a copy) after it."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, direction, strict=True):
+            p.add_(d.to(p.dtype), alpha=scale)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def central_difference(fn: Callable[[], Tensor | list[Tensor]], params: Params, direction: Params, relative: float):
+    """(fn(θ + εd) − fn(θ − εd)) / 2ε, exact up to O(ε²): the directional derivative of ``fn`` (a
+    tensor, or a list of tensors such as a gradient) along ``d`` from two evaluations, in float64."""
+    eps = finite_difference_step(params, direction, relative)
+    with moved(params, direction, eps):
+        plus = fn()
+    with moved(params, direction, -eps):
+        minus = fn()
+    if isinstance(plus, Tensor):
+        return (plus.double() - minus.double()) / (2 * eps)
+    return [(a.double() - b.double()) / (2 * eps) for a, b in zip(plus, minus, strict=True)]
 
 
 def mixed_second_derivative(grad_g: Params, proxy_params: Params, score_params: Params, z: Params

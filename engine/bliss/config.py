@@ -72,7 +72,17 @@ class TrainScorerConfig:
     device: str = "auto"
     """``--device``: ``cpu``, ``cuda`` or ``auto`` (cuda when available)."""
     hypergrad: str = "graph"
-    """``--hypergrad``: ``graph`` (one reverse pass through ∇θp g's graph) or ``jvp`` (forward-mode c_i)."""
+    """``--hypergrad``: ``graph`` (one reverse pass through ∇θp g's graph, asking for θs only), ``jvp``
+    (all c_i by forward mode) or ``fd`` (c_i by central differences at θp ± εz: two forward passes with
+    the fast kernels, no graph; exact up to O(ε²))."""
+    z_hvp: str = "exact"
+    """``--z-hvp``: how the z-solve multiplies by H: ``exact`` (double backward through ∇θp g's graph) or
+    ``fd`` (the difference of two gradients at θp ± εx, fast kernels)."""
+    fd_step: float = 1e-3
+    """``--fd-step``: the finite-difference step as a share of ‖θp‖: ε = fd_step·‖θp‖/‖direction‖."""
+    z_carry: bool = False
+    """``--z-carry``: start each z-solve from the previous outer step's z instead of ``z_init`` (single
+    loop: the solve then refines one z over training rather than starting afresh)."""
     hypergrad_chunk: int = 0
     """``--hypergrad-chunk``: documents per forward-mode pass of the ``jvp`` route (0: the whole batch);
     exact either way, a smaller chunk keeps that route's memory flat as the batch grows."""
@@ -92,6 +102,9 @@ class TrainScorerConfig:
     """``--resume``: continue from the run's last checkpoint."""
     tensorboard: bool = True
     """``--tensorboard/--no-tensorboard``: also write the figures as TensorBoard scalars in the run."""
+    threads: int | None = None
+    """``--threads``: torch threads (the CLI's default: ``engine.runtime.plan_threads``); None leaves
+    torch's setting alone."""
 
     def __post_init__(self) -> None:
         check_config_integers(self)
@@ -133,14 +146,19 @@ class TrainScorerConfig:
             raise UserError("AdamW betas must be in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device must be cpu, cuda or auto (got {self.device!r})")
-        if self.hypergrad not in ("graph", "jvp"):
-            raise UserError(f"--hypergrad must be graph or jvp (got {self.hypergrad!r})")
+        if self.hypergrad not in HYPERGRAD_ROUTES:
+            raise UserError(f"--hypergrad must be graph, jvp or fd (got {self.hypergrad!r})")
+        if self.z_hvp not in ("exact", "fd"):
+            raise UserError(f"--z-hvp must be exact or fd (got {self.z_hvp!r})")
+        if not (0 < self.fd_step < 1 and math.isfinite(self.fd_step)):
+            raise UserError(f"--fd-step must be in (0, 1) (got {self.fd_step})")
         if self.seed < 0:
             raise UserError(f"--seed must be 0 or more (got {self.seed})")
 
 
 RESUME_KEYS = ("proxy", "seq_len", "batch_size", "steps", "warmup_steps", "inner_steps", "seed", "tokenizer",
                "vocab_size", "hypergrad", "shuffle_buffer", "train", "val")
+HYPERGRAD_ROUTES = ("graph", "jvp", "fd")
 
 
 def resume_keys(config: TrainScorerConfig) -> dict[str, Any]:

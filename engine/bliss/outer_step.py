@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,11 @@ from engine.bliss.config import TrainScorerConfig
 from engine.bliss.score_model import ScoreModel
 from engine.pretrain.schedule import lr_multiplier, warmup_steps
 from engine.runtime import adamw_param_groups, autocast
+
+
+def no_reduced_precision(device: torch.device):
+    """fp32 (TF32 matmuls where enabled) inside a bf16 autocast: finite differences never in bf16."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup_fraction: float, min_ratio: float) -> float:
@@ -63,10 +68,17 @@ class OuterStepFigures:
     loss_lower: float
     loss_upper: float
     hypergrad_norm: float
-    z_residual: float
+    z_residual: float | None
+    """‖(H + μI)z − v‖/‖v‖ of the last iterate the z-solve multiplied by H (None: it took no product)."""
+    z_cos_v: float
+    """cos(z, v): 1.0 means the z-solve only rescaled the validation gradient (BLISS.md)."""
+    z_curvature: float | None
+    """‖Hz‖/‖z‖ of that iterate: how much curvature the solve saw along z."""
     weight_entropy: float
     lr_scorer: float
     lr_proxy: float
+    z: list[torch.Tensor] = field(repr=False, default_factory=list)
+    """The solved z (the next outer step starts from it with ``--z-carry``)."""
 
 
 class PhaseTimer:
@@ -91,11 +103,15 @@ def outer_step(*, proxy: torch.nn.Module, score_model: ScoreModel, target: torch
                opt_proxy: torch.optim.Optimizer, opt_scorer: torch.optim.Optimizer,
                train_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                val_batch: tuple[torch.Tensor, torch.Tensor], config: TrainScorerConfig, gamma: float, step: int,
-               lr_proxy: float, timer: PhaseTimer | None = None) -> OuterStepFigures:
+               lr_proxy: float, timer: PhaseTimer | None = None,
+               z_start: list[torch.Tensor] | None = None) -> OuterStepFigures:
     """One BLISS outer step (BLISS.md): K inner steps, v, z-solve, hypergradient, upper step.
 
     ``train_batches`` yields K + 1 (ids, mask) batches: K for the inner steps, one for the z-solve and
     the hypergradient. ``step`` is the number of outer steps done before this one (for the schedules).
+    ``z_start``: the z the solve starts from (the previous step's, with ``--z-carry``), else ``z_init``.
+    The route (``config.hypergrad``: graph, jvp or fd) and the z-solve's products (``config.z_hvp``:
+    exact or fd) are chosen independently; ``fd`` with ``fd`` builds no higher-order graph at all.
     """
     device = next(proxy.parameters()).device
     timed = timer or (lambda name: contextlib.nullcontext())
@@ -124,35 +140,53 @@ def outer_step(*, proxy: torch.nn.Module, score_model: ScoreModel, target: torch
             loss_upper = bilevel.sequence_losses(bilevel.lm_logits(proxy, ids, mask), ids, mask).mean()
         v = [t.float() for t in torch.autograd.grad(loss_upper, proxy_params)]
 
-    # 3-4. z-solve and hypergradient on a fresh batch, weights attached to the score model; fp32 and the
-    # MATH attention kernel (double backward / forward-mode AD).
+    # 3-4. z-solve and hypergradient on a fresh batch, weights attached to the score model.
     ids, mask = next(train_batches)
     with timed("score_forward"):
         scores = score_model(ids, mask)  # (B,)
         weights = bilevel.batch_weights(scores)
-    with bilevel.differentiable_attention():
-        with timed("lower_gradient_graph"):
-            attached = weights if config.hypergrad == "graph" else weights.detach()
-            g, _ = lower_objective_terms(proxy, target, ids, mask, attached, config, gamma)
-            grad_g = torch.autograd.grad(g, proxy_params, create_graph=True)
+    needs_graph = config.hypergrad in ("graph", "jvp") or config.z_hvp == "exact"
+    grad_g = None
+    with bilevel.differentiable_attention() if needs_graph else contextlib.nullcontext():
+        if needs_graph:  # fp32 and the MATH attention kernel: double backward / forward-mode AD
+            with timed("lower_gradient_graph"):
+                attached = weights if config.hypergrad == "graph" else weights.detach()
+                g, _ = lower_objective_terms(proxy, target, ids, mask, attached, config, gamma)
+                grad_g = torch.autograd.grad(g, proxy_params, create_graph=True)
+        if config.z_hvp == "exact":
+            def hvp(x):
+                return bilevel.hessian_vector_product(grad_g, proxy_params, x)
+        else:  # differences of two gradients of g (weights fixed), fast kernels, fp32
+            def lower_gradient():
+                with no_reduced_precision(device):
+                    g, _ = lower_objective_terms(proxy, target, ids, mask, weights.detach(), config, gamma)
+                    return list(torch.autograd.grad(g, proxy_params))
+
+            def hvp(x):
+                return [h.float() for h in bilevel.central_difference(lower_gradient, proxy_params, x, config.fd_step)]
         with timed("z_solve"):
-            z = bilevel.solve_z(grad_g, proxy_params, v, steps=config.z_steps, lr=config.z_lr,
-                                damping=config.z_damping, clip=config.z_clip, init=config.z_init)
+            solve = bilevel.solve_z_with(hvp, v, steps=config.z_steps, lr=config.z_lr, damping=config.z_damping,
+                                         clip=config.z_clip, init=config.z_init, start=z_start)
+        z = solve.z
         with timed("hypergradient"):
             if config.hypergrad == "graph":
-                mixed, hz = bilevel.mixed_second_derivative(grad_g, proxy_params, score_params, z)
-                hypergrad = [-m for m in mixed]
+                hypergrad = bilevel.score_hypergradient(grad_g, score_params, z)
             else:
-                hz = bilevel.hessian_vector_product(grad_g, proxy_params, z)
-                del grad_g
-                names = [name for name, _ in proxy.named_parameters()]
-                _, c = bilevel.per_sample_directional_losses(proxy, ids, mask, dict(zip(names, z, strict=True)),
-                                                             chunk=config.hypergrad_chunk)
+                del grad_g  # the graph of ∇θp g is not needed any more: free it before the next passes
+                if config.hypergrad == "jvp":
+                    names = [name for name, _ in proxy.named_parameters()]
+                    _, c = bilevel.per_sample_directional_losses(proxy, ids, mask, dict(zip(names, z, strict=True)),
+                                                                 chunk=config.hypergrad_chunk)
+                else:  # fd: c_i from L_i at θp ± εz, two forward passes with the fast kernels
+                    def sample_losses():
+                        with torch.no_grad(), no_reduced_precision(device):
+                            return bilevel.sequence_losses(bilevel.lm_logits(proxy, ids, mask), ids, mask)
+
+                    c = bilevel.central_difference(sample_losses, proxy_params, z, config.fd_step).float()
                 hypergrad = torch.autograd.grad(bilevel.surrogate_upper_loss(scores, c), score_params,
                                                 allow_unused=True)
                 hypergrad = [torch.zeros_like(p) if h is None else h
                              for h, p in zip(hypergrad, score_params, strict=True)]
-    residual = bilevel.z_residual(hz, z, v, config.z_damping)
     hypergrad_norm = bilevel.norm(hypergrad)
 
     # 5. Upper AdamW step on the score model.
@@ -163,5 +197,6 @@ def outer_step(*, proxy: torch.nn.Module, score_model: ScoreModel, target: torch
             p.grad = h.detach().to(p.dtype)
         clip_and_step(score_model, opt_scorer, config.grad_clip)
     return OuterStepFigures(loss_lower=lower, loss_upper=loss_upper.item(), hypergrad_norm=hypergrad_norm,
-                            z_residual=residual, weight_entropy=bilevel.weight_entropy(weights), lr_scorer=lr_s,
-                            lr_proxy=opt_proxy.param_groups[0]["lr"])
+                            z_residual=solve.residual, z_cos_v=bilevel.cosine(z, v), z_curvature=solve.curvature,
+                            weight_entropy=bilevel.weight_entropy(weights), lr_scorer=lr_s,
+                            lr_proxy=opt_proxy.param_groups[0]["lr"], z=[zi.detach() for zi in z])

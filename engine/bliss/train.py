@@ -64,6 +64,10 @@ class TrainScorerResult:
 # Small pieces
 
 
+def _rounded(value: float | None, digits: int = 5) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def load_target(path: str, device: torch.device) -> tuple[torch.nn.Module, Path | None]:
     """The frozen target LM and its tokenizer: a pretrain checkpoint folder or run directory (latest
     checkpoint), or a ``save_pretrained`` folder. Eval mode, no gradient."""
@@ -158,6 +162,8 @@ class Training:
     score_model: ScoreModel | None = None
     """None until the warm-up ends (or a checkpoint of the bilevel phase is restored)."""
     opt_scorer: torch.optim.Optimizer | None = None
+    z: list[torch.Tensor] | None = None
+    """The last outer step's z, carried into the next z-solve with ``--z-carry``."""
 
     def start_score_model(self) -> None:
         """The warm-up is over: the score model starts from the proxy's backbone, and the proxy gets a
@@ -234,6 +240,8 @@ def restore(training: Training, state: dict[str, Any]) -> LoopState:
         training.opt_scorer.load_state_dict(state["opt_scorer"])
     training.opt_proxy.load_state_dict(state["opt_proxy"])
     training.val_rng.bit_generator.state = state["val_rng"]
+    if state.get("z") is not None:
+        training.z = [t.to(training.device) for t in state["z"]]
     torch.set_rng_state(state["torch_rng"])  # last: building the score model above drew from it
     if training.device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], training.device)
@@ -255,6 +263,7 @@ def save_checkpoint(training: Training, loop: LoopState, run_dir: RunDir, elapse
         "val_rng": training.val_rng.bit_generator.state,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(training.device) if training.device.type == "cuda" else None,
+        "z": [t.cpu() for t in training.z] if training.z is not None else None,
     })
     if training.score_model is not None:
         artifacts.save_score_model(
@@ -272,6 +281,8 @@ def run_train_scorer(config: TrainScorerConfig, run_dir: RunDir,
     """Train the score model into ``run_dir`` (see the module docstring); ``on_event(kind, figures)`` sees
     every event as it is written (the CLI's progress bar)."""
     device = resolve_device(config.device)
+    if config.threads is not None:  # the CLI decides (engine.runtime.plan_threads); a library caller may have
+        torch.set_num_threads(config.threads)
     with run_dir.stage(STAGE, tensorboard=config.tensorboard) as session:
         state = saved_state(config, run_dir)
         training = build_training(config, run_dir, device, state)
@@ -303,7 +314,7 @@ def _train(training: Training, loop: LoopState, run_dir: RunDir, session: StageS
                                                         training.pad_id, device))
         emit("histogram", step=step, edges=edges, counts=counts, threshold=None)
 
-    emit("start", proxy=config.proxy, steps=config.steps, warmup_steps=config.warmup_steps, device=str(device),
+    emit("start", threads=torch.get_num_threads(), proxy=config.proxy, steps=config.steps, warmup_steps=config.warmup_steps, device=str(device),
          proxy_params=count_parameters(training.proxy), vocab_size=training.vocab_size,
          train_shards=len(training.train_shards), val_docs=len(training.val_docs),
          probe_docs=len(training.probe_docs), target=config.target, gamma=training.gamma, hypergrad=config.hypergrad,
@@ -345,7 +356,9 @@ def _train(training: Training, loop: LoopState, run_dir: RunDir, session: StageS
             train_batches=(training.batch() for _ in range(config.inner_steps + 1)),
             val_batch=collate([training.val_docs[i] for i in pick], training.pad_id, device),
             config=config, gamma=training.gamma, step=loop.step, lr_proxy=training.lr_proxy,
+            z_start=training.z if config.z_carry else None,
         )
+        training.z = out.z if config.z_carry else None
         loop.step += 1
         steps_this_run += 1
         last = loop.step == config.steps
@@ -353,7 +366,8 @@ def _train(training: Training, loop: LoopState, run_dir: RunDir, session: StageS
             checkpoint()
         emit("step", step=loop.step, total_steps=config.steps, loss_lower=round(out.loss_lower, 5),
              loss_upper=round(out.loss_upper, 5), hypergrad_norm=float(f"{out.hypergrad_norm:.5g}"),
-             z_residual=round(out.z_residual, 5), weight_entropy=round(out.weight_entropy, 5),
+             z_residual=_rounded(out.z_residual), z_cos_v=_rounded(out.z_cos_v, 6),
+             z_curvature=_rounded(out.z_curvature), weight_entropy=round(out.weight_entropy, 5),
              steps_per_s=round(steps_this_run / (time.perf_counter() - t_outer), 4), lr=out.lr_scorer,
              lr_proxy=out.lr_proxy)
         emit("progress", fraction=round((config.warmup_steps + loop.step) / total_work, 5))

@@ -72,6 +72,9 @@ class PretrainConfig:
     """``auto`` (CUDA if present), ``cuda`` or ``cpu`` (``--device``)."""
     tensorboard: bool = True
     """Also write the figures as TensorBoard scalars in the run (``--tensorboard/--no-tensorboard``)."""
+    threads: int | None = None
+    """Torch threads of each rank (``--threads``; the launcher's default: cores ÷ processes on the node,
+    ``engine.runtime.plan_threads``); None leaves torch's setting alone."""
 
     def __post_init__(self) -> None:
         check_config_integers(self)

@@ -210,6 +210,8 @@ def train(config: PretrainConfig, *, resume: bool = False, stop_after: int | Non
     the whole loop, so two trainers never write one run.
     """
     rt = runtime or start_runtime(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     run = RunDir(Path(config.run_dir))
     with run.stage(STAGE, main=rt.is_main, lock_name=TRAINER_LOCK_FILE, wait_s=TRAINER_LOCK_WAIT_S,
                    tensorboard=config.tensorboard) as session:
@@ -246,6 +248,7 @@ def _loop(training: Training, loop: LoopState, session: StageSession, *, stop_af
         start_step=loop.step, resumed_from=resumed_from, seq_len=config.seq_len,
         global_batch_tokens=config.global_batch_tokens, micro_batch=config.micro_batch, grad_accum=accum,
         fsdp=config.fsdp, device=rt.torch_device.type, train_tokens=training.train_data.n_tokens,
+        threads=torch.get_num_threads(),
     )
     say(f"pretrain {config.size}: {training.n_params / 1e6:.1f}M params, {rt.world_size} process(es) on "
         f"{rt.torch_device.type}, {'FSDP' if config.fsdp else 'DDP'}, steps {loop.step}→{total_steps}, "

@@ -403,6 +403,10 @@ class ShardScoring:
             ship_tokens=scorer.needs_tokens, exact_counts=config.exact_token_counts,
             text_scorer=scorer.text_scorer,
         )
+        if config.threads is not None and scorer.needs_tokens:  # a model scorer: torch is loaded already
+            import torch
+
+            torch.set_num_threads(config.threads)
         jobs = {job.index: job for job in self.todo}
         parts: dict[int, ShardAccumulator] = {}
         identity = scorer.describe()

@@ -186,3 +186,77 @@ def test_z_solve_clips_each_update():
 def test_weight_entropy_is_log_batch_for_equal_scores():
     weights = bilevel.batch_weights(torch.full((8,), 0.3))
     assert abs(bilevel.weight_entropy(weights) - math.log(8)) < 1e-9
+
+
+def test_graph_route_asking_for_the_score_model_only_equals_the_full_mixed_pass():
+    proxy, target, score_model, ids, mask, val_ids, val_mask = _setup(seed=4)
+    proxy_params, score_params = list(proxy.parameters()), list(score_model.parameters())
+    z = [0.01 * torch.randn_like(p) for p in proxy_params]
+
+    def graph():
+        return _grad_g(proxy, target, bilevel.batch_weights(score_model(ids, mask)), ids, mask)
+
+    mixed, _ = bilevel.mixed_second_derivative(graph(), proxy_params, score_params, z)
+    only = bilevel.score_hypergradient(graph(), score_params, z)
+    assert bilevel.norm(only) > 0 and _rel(only, [-m for m in mixed]) < 1e-12
+
+
+def _fd_hypergradient(proxy, score_model, ids, mask, z, relative):
+    proxy_params, score_params = list(proxy.parameters()), list(score_model.parameters())
+
+    def sample_losses():
+        with torch.no_grad():  # the fast kernels: no graph, no MATH attention
+            return bilevel.sequence_losses(bilevel.lm_logits(proxy, ids, mask), ids, mask)
+
+    c = bilevel.central_difference(sample_losses, proxy_params, z, relative)
+    surrogate = bilevel.surrogate_upper_loss(score_model(ids, mask), c)
+    grads = torch.autograd.grad(surrogate, score_params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, score_params, strict=True)]
+
+
+def test_finite_difference_hypergradient_is_the_per_sample_loop_up_to_its_truncation_error(solved):
+    proxy, score_model, ids, mask, _, z, _, _ = solved
+    reference, _ = _per_sample_reference(proxy, score_model, ids, mask, z)
+    before = [p.detach().clone() for p in proxy.parameters()]
+    errors = [_rel(_fd_hypergradient(proxy, score_model, ids, mask, z, step), reference) for step in (2e-4, 1e-4)]
+    assert errors[1] < 1e-4
+    assert 3.0 < errors[0] / errors[1] < 5.0  # central differences: halving the step quarters the error
+    assert all(torch.equal(a, b) for a, b in zip(before, proxy.parameters(), strict=True))  # θp restored exactly
+
+
+def test_finite_difference_hessian_vector_products_solve_z_like_exact_ones():
+    proxy, target, score_model, ids, mask, val_ids, val_mask = _setup(seed=5)
+    params = list(proxy.parameters())
+    with torch.no_grad():
+        weights = bilevel.batch_weights(score_model(ids, mask))
+    grad_g = _grad_g(proxy, target, weights, ids, mask)
+    val_loss = bilevel.sequence_losses(bilevel.lm_logits(proxy, val_ids, val_mask), val_ids, val_mask).mean()
+    v = [g.detach() for g in torch.autograd.grad(val_loss, params)]
+
+    def gradient():
+        return [g.detach() for g in _grad_g(proxy, target, weights, ids, mask)]
+
+    exact = bilevel.solve_z_with(lambda x: bilevel.hessian_vector_product(grad_g, params, x), v, steps=4, lr=0.02,
+                                 damping=1e-2)
+    fd = bilevel.solve_z_with(lambda x: bilevel.central_difference(gradient, params, x, 1e-5), v, steps=4, lr=0.02,
+                              damping=1e-2)
+    assert _rel(fd.z, exact.z) < 1e-6
+    assert exact.residual is not None and abs(fd.residual - exact.residual) < 1e-6
+    assert exact.curvature > 0 and abs(fd.curvature - exact.curvature) / exact.curvature < 1e-6
+
+
+def test_a_carried_z_is_where_the_solve_starts():
+    theta = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    curvature = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+
+    def hvp(x):
+        return [curvature @ x[0]]
+
+    v = [torch.tensor([1.0, 1.0], dtype=torch.float64)]
+    fresh = bilevel.solve_z_with(hvp, v, steps=1, lr=0.1, damping=0.0)
+    assert torch.allclose(fresh.z[0], 0.1 * v[0]) and fresh.residual is None  # from 0: no product taken
+    carried = bilevel.solve_z_with(hvp, v, steps=1, lr=0.1, damping=0.0, start=fresh.z)
+    expected = fresh.z[0] - 0.1 * (curvature @ fresh.z[0] - v[0])
+    assert torch.allclose(carried.z[0], expected) and carried.residual is not None
+    assert bilevel.cosine(fresh.z, v) == pytest.approx(1.0)
+    del theta

@@ -230,3 +230,25 @@ def test_target_checkpoint_supplies_the_kl_term(toy, tmp_path):
     other = _fake_pretrain_run(tmp_path / "pretrain-big", 2000, toy["tokenizer"])
     with pytest.raises(UserError, match="vocabulary"):
         run_train_scorer(_config(toy, steps=1, warmup_steps=0, target=other), RunDir.named("bad", tmp_path))
+
+
+def test_the_finite_difference_route_trains_and_logs_what_the_z_solve_saw(toy, tmp_path):
+    run = RunDir.named("fd", tmp_path)
+    result = run_train_scorer(_config(toy, steps=2, warmup_steps=1, hypergrad="fd", z_hvp="fd", z_steps=3), run)
+    steps = [e for e in _events(run) if e["kind"] == "step"]
+    assert result.steps == 2 and all(e["hypergrad_norm"] > 0 for e in steps)
+    for event in steps:  # 3 z-steps from 0 take 2 products: residual and curvature of the last iterate
+        assert 0 < event["z_residual"] and event["z_curvature"] > 0 and -1 <= event["z_cos_v"] <= 1
+
+
+def test_a_carried_z_resumes_exactly(toy, tmp_path):
+    config = _config(toy, hypergrad="fd", z_carry=True)
+    straight = run_train_scorer(config, RunDir.named("straight", tmp_path))
+    run = RunDir.named("interrupted", tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_train_scorer(config, run, on_event=_interrupt_at("step", 2))
+    resumed = run_train_scorer(dataclasses.replace(config, resume=True), run)
+    a, _ = load_score_model(straight.score_model)
+    b, _ = load_score_model(resumed.score_model)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name  # the carried z is in the checkpoint
