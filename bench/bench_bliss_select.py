@@ -58,6 +58,13 @@ def run_dsir(shards: list[str], num_to_sample: int, num_proc: int) -> dict:
             "kept": num_to_sample}
 
 
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def read_texts_of(shards):
     from engine.data.sources import read_documents
 
@@ -74,6 +81,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda, as select runs)")
+    parser.add_argument("--name", default="bliss_select", help="results file name")
     args = parser.parse_args()
 
     import glob
@@ -91,6 +100,7 @@ def main() -> None:
     from engine.models.families import build_causal_lm
     from engine.models.presets import model_preset, with_max_seq_len
     from engine.run_dir import RunDir, atomic_write_bytes
+    from engine.runtime import autocast
     from engine.select.config import SelectConfig
     from engine.select.scorers.base import ShardBatch
     from engine.select.scorers.bliss import BlissScorer
@@ -101,7 +111,7 @@ def main() -> None:
     shards = sorted(glob.glob(sample_pool_glob()))[: args.shards]
     texts = read_texts(shards)
     figures = {"proxy": args.proxy, "docs": len(texts), "shards": len(shards), "seq_len": args.seq_len,
-               "batch_size": args.batch_size, "threads": args.threads, "workers": args.workers, "device": "cpu",
+               "batch_size": args.batch_size, "threads": args.threads, "workers": args.workers, "device": args.device,
                "budget": args.budget}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,33 +125,37 @@ def main() -> None:
         vocab = tokenizer.get_vocab_size()
         config = with_max_seq_len(model_preset(args.proxy), args.seq_len)
         model = ScoreModel.from_proxy(build_causal_lm(config, vocab, seed=0)).eval()
+        device = torch.device(args.device)
         save_score_model(scorer_run.checkpoints / "score-model.pt", model, preset=args.proxy, vocab_size=vocab,
                          seq_len=args.seq_len, pad_id=1)
 
         # 2. forward only, on batches made before the clock starts
         tokens = prefix_encoder(load_tokenizer(scorer_run.tokenizer_path), args.seq_len)(texts)
-        batches = [collate(tokens[i : i + args.batch_size], 1, "cpu") for i in range(0, len(tokens), args.batch_size)]
+        batches = [collate(tokens[i : i + args.batch_size], 1, device) for i in range(0, len(tokens), args.batch_size)]
+        model.to(device)
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device):
             for ids, mask in batches:
                 model(ids, mask)
+        synchronize(device)
         forward_s = time.perf_counter() - start
         figures["forward_only_docs_per_s"] = round(len(tokens) / forward_s, 1)
         print(f"forward only (pool order): {figures['forward_only_docs_per_s']} docs/s", flush=True)
         # the same, with the whole pool sorted by length first: the least padding any batching can reach
         by_length = sorted(tokens, key=len)
-        batches = [collate(by_length[i : i + args.batch_size], 1, "cpu")
+        batches = [collate(by_length[i : i + args.batch_size], 1, device)
                    for i in range(0, len(by_length), args.batch_size)]
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device):
             for ids, mask in batches:
                 model(ids, mask)
+        synchronize(device)
         figures["forward_only_sorted_docs_per_s"] = round(len(tokens) / (time.perf_counter() - start), 1)
         print(f"forward only (sorted by length): {figures['forward_only_sorted_docs_per_s']} docs/s", flush=True)
         del batches
 
         # 3. the scorer alone, on pre-tokenised shard batches of the size select's readers send
-        scorer = BlissScorer.load("scorer", runs, seq_len=args.seq_len, batch_size=args.batch_size)
+        scorer = BlissScorer.load("scorer", runs, device=args.device, seq_len=args.seq_len, batch_size=args.batch_size)
         shard_batches = [ShardBatch("s", np.arange(i, min(i + 256, len(tokens)), dtype=np.uint32),
                                     np.zeros(min(256, len(tokens) - i), np.uint32), tokens[i : i + 256])
                          for i in range(0, len(tokens), 256)]
@@ -155,7 +169,7 @@ def main() -> None:
         select_config = SelectConfig(inputs=tuple(shards), budget=args.budget, unit="docs", scorer="bliss",
                                      scorer_run="scorer",
                                      runs_dir=str(runs), seq_len=args.seq_len, batch_size=args.batch_size,
-                                     workers=args.workers, device="cpu")
+                                     workers=args.workers, device=args.device)
         select_run = RunDir.named("select", runs)
         start = time.perf_counter()
         manifest = run_select(select_config, select_run)
@@ -194,7 +208,7 @@ def main() -> None:
     if "docs_per_s" in figures["dsir"]:
         figures["bliss_vs_dsir_end_to_end"] = round(
             figures["end_to_end_docs_per_s"] / figures["dsir"]["docs_per_s"], 3)
-    record("bliss_select", figures)
+    record(args.name, figures)
 
 
 if __name__ == "__main__":

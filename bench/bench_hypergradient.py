@@ -8,6 +8,8 @@ Routes, all computing ∇Φ(θs) = −Σ_i c_i ∇θs softmax(s)_i with c_i = �
   pass of ∇θp g · z into θs. ``graph_marginal`` is that last pass alone: its cost inside an outer step.
 - ``jvp``: all c_i in one forward-mode ``jvp`` (MATH attention), then one score-model backward.
 - ``jvp_chunked``: the same with the forward-mode pass over ``--chunk`` documents at a time (exact).
+- ``fd``: all c_i by central differences, two forward passes at θp ± εz with the fast attention kernels
+  and no graph (ε = ``--fd-step``·‖θp‖/‖z‖), then one score-model backward; exact up to O(ε²).
 
 Each (route, batch) runs in a fresh process; peak memory is the process's RSS high-water mark above its
 RSS after set-up (models, batch and z ready). All routes share the seed, so their hypergradients are
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-ROUTES = ("reference", "graph", "jvp", "jvp_chunked")
+ROUTES = ("reference", "graph", "jvp", "jvp_chunked", "fd")
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -94,9 +96,9 @@ def child(args) -> None:
             gval = bilevel.lower_objective(losses, weights, proxy_params, gamma=0.0, l2=1e-7)
             grad_g = torch.autograd.grad(gval, proxy_params, create_graph=True)
             t0 = time.perf_counter()
-            mixed, _ = bilevel.mixed_second_derivative(grad_g, proxy_params, score_params, z)
+            hypergrad = bilevel.score_hypergradient(grad_g, score_params, z)  # θs only, as the loop runs it
             marginal.append(time.perf_counter() - t0)
-        return [-m for m in mixed]
+        return hypergrad
 
     names = [k for k, _ in proxy.named_parameters()]
 
@@ -107,8 +109,18 @@ def child(args) -> None:
         grads = torch.autograd.grad(surrogate, score_params, allow_unused=True)
         return [x if x is not None else torch.zeros_like(p) for x, p in zip(grads, score_params, strict=True)]
 
+    def fd():
+        def sample_losses():
+            with torch.no_grad():
+                return bilevel.sequence_losses(bilevel.lm_logits(proxy, ids, mask), ids, mask)
+
+        c = bilevel.central_difference(sample_losses, proxy_params, z, args.fd_step).float()
+        surrogate = bilevel.surrogate_upper_loss(score_model(ids, mask), c)
+        grads = torch.autograd.grad(surrogate, score_params, allow_unused=True)
+        return [x if x is not None else torch.zeros_like(p) for x, p in zip(grads, score_params, strict=True)]
+
     fn = {"reference": reference, "graph": graph, "jvp": jvp,
-          "jvp_chunked": lambda: jvp(args.chunk)}[args.route]
+          "jvp_chunked": lambda: jvp(args.chunk), "fd": fd}[args.route]
     baseline = rss_mb()
     reset_peak()
     times = []
@@ -137,6 +149,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=4, help="documents per jvp pass of the jvp_chunked route")
+    parser.add_argument("--fd-step", type=float, default=1e-3, help="finite-difference step of the fd route, × ‖θ‖/‖z‖")
+    parser.add_argument("--routes", default=",".join(ROUTES), help="which routes to run")
     parser.add_argument("--route", choices=ROUTES)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -150,11 +164,12 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in (args.small_batch, args.batch):
-            for route in ROUTES:
+            for route in args.routes.split(","):
                 out = Path(tmp) / f"{route}-{batch}.pt"
                 cmd = [sys.executable, __file__, "--route", route, "--out", str(out), "--proxy", args.proxy,
                        "--batch", str(batch), "--seq-len", str(args.seq_len), "--vocab", str(args.vocab),
-                       "--threads", str(args.threads), "--repeats", str(args.repeats), "--chunk", str(args.chunk)]
+                       "--threads", str(args.threads), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
+                       "--fd-step", str(args.fd_step)]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 runs[(route, batch)] = json.loads(done.stdout.strip().splitlines()[-1])
                 runs[(route, batch)]["hypergradient"] = torch.load(out, weights_only=True)
@@ -175,18 +190,22 @@ def main() -> None:
         entry = {k: v for k, v in r.items() if k not in ("hypergradient", "route", "batch")}
         entry["rel_error_vs_reference"] = float(f"{rel(r['hypergradient'], runs[('reference', batch)]['hypergradient']):.3g}")
         figures["routes"][f"{route}@{batch}"] = entry
-    for route in ("graph", "jvp", "jvp_chunked"):
+    for route in [r for r in ("graph", "jvp", "jvp_chunked", "fd") if (r, B) in runs]:
         r = runs[(route, B)]
         figures["ratios"][f"{route}_speedup_vs_reference"] = round(ref["time_s"] / r["time_s"], 3)
         figures["ratios"][f"{route}_peak_memory_vs_reference"] = round(
             r["peak_mb_above_setup"] / ref["peak_mb_above_setup"], 3)
-    g = runs[("graph", B)]
-    figures["ratios"]["graph_marginal_speedup_vs_reference"] = round(ref["time_s"] / g["graph_marginal_s"], 3)
-    for route in ROUTES:
+    if ("graph", B) in runs:
+        g = runs[("graph", B)]
+        figures["ratios"]["graph_marginal_speedup_vs_reference"] = round(ref["time_s"] / g["graph_marginal_s"], 3)
+    if ("fd", B) in runs and ("jvp", B) in runs:  # the figure: fd against the exact forward-mode route
+        figures["ratios"]["fd_rel_error_vs_jvp"] = float(f"{rel(runs[('fd', B)]['hypergradient'], runs[('jvp', B)]['hypergradient']):.3g}")
+    for route in args.routes.split(","):
         small, big = runs[(route, args.small_batch)], runs[(route, B)]
         figures["ratios"][f"{route}_memory_growth_{args.small_batch}_to_{B}"] = round(
             big["peak_mb_above_setup"] / max(small["peak_mb_above_setup"], 1e-9), 3)
     figures["median_time_s"] = statistics.median(r["time_s"] for r in runs.values())
+    figures["fd_step"] = args.fd_step
     record("bliss_hypergradient", figures)
 
 
