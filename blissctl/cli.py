@@ -59,6 +59,9 @@ _register()
 
 
 def main() -> None:
+    from engine.runtime import reuse_freed_memory
+
+    reuse_freed_memory()  # the scorers, train-scorer and eval run torch in this process
     app()
 
 

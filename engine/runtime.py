@@ -10,9 +10,11 @@ stage code runs in one process or many. torch is imported inside the functions t
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,13 +178,22 @@ class ThreadPlan:
     """Processes of this stage on this machine (torchrun ranks of one node)."""
     workers: int
     """Reader/tokenising worker processes that share the cores with them."""
+    busy: int
+    """Cores other work kept busy when the stage started (``busy_cores_elsewhere``)."""
     requested: bool
+    from_environment: bool = False
+    """The request came from ``OMP_NUM_THREADS``, not ``--threads``."""
 
     def describe(self) -> str:
         if self.requested:
-            return f"torch threads: {self.threads} (--threads)"
-        return (f"torch threads: {self.threads} ({self.cores} core(s) ÷ {self.processes} process(es)"
-                + (f", less {self.workers} reader worker(s)" if self.workers else "") + "; --threads to change)")
+            return f"torch threads: {self.threads} ({'OMP_NUM_THREADS' if self.from_environment else '--threads'})"
+        reasons = [f"{self.cores} core(s)"]
+        if self.busy:
+            reasons.append(f"less {self.busy} busy with other work")
+        if self.workers:
+            reasons.append(f"less {self.workers} reader worker(s)")
+        return (f"torch threads: {self.threads} ({', '.join(reasons)}, ÷ {self.processes} process(es); "
+                "--threads to change)")
 
 
 def available_cores() -> int:
@@ -192,38 +203,90 @@ def available_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def plan_threads(*, processes: int = 1, workers: int = 0, requested: int | None = None) -> ThreadPlan:
-    """Threads from the cores there really are: cores ÷ processes, less the reader workers, at least one.
+def busy_cores_elsewhere(interval_s: float = 0.3) -> int:
+    """Cores other processes keep busy right now: the CPU time the machine's cores (those this process
+    may use) spent outside idle over ``interval_s``, less this process's own, rounded to whole cores.
+    0 when it cannot be read."""
+    try:
+        import psutil
 
-    Decided from the machine, not from its load at the moment, so that the same command on the same
-    machine computes the same bits (thread counts change the order of floating-point reductions); a
-    machine shared with other work is told about ``--threads`` instead (``busy_hint``).
+        me = psutil.Process()
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        me.cpu_percent(None)
+        psutil.cpu_percent(None, percpu=True)
+        time.sleep(interval_s)
+        mine = me.cpu_percent(None) / 100
+        per_cpu = psutil.cpu_percent(None, percpu=True)
+    except Exception:  # no reading (no psutil, no /proc): plan as if the machine were idle
+        return 0
+    used = sum(per_cpu[i] for i in cpus if i < len(per_cpu)) / 100 if cpus else sum(per_cpu) / 100
+    return max(0, round(used - mine))
+
+
+def plan_threads(*, processes: int = 1, workers: int = 0, busy: int = 0, requested: int | None = None) -> ThreadPlan:
+    """Threads from the cores there really are: cores less those other work keeps busy and the reader
+    workers, ÷ processes, at least one.
+
+    A parallel region ends only when its slowest thread does: with a thread per core and one core
+    taken by another process, torch's OpenMP threads wait on the descheduled one (measured: pretrain 6×
+    slower with 2 threads than with 1 while one of the two cores was busy). So ``busy`` (what
+    ``busy_cores_elsewhere`` read at the start) is left out. The count changes the order of
+    floating-point reductions, so a run on a loaded machine may differ in the last bits from one on an
+    idle machine; it is printed and recorded in the start event, and ``--threads`` fixes it.
     """
     cores = available_cores()
     if requested is not None:
         if requested < 1:
             raise UserError(f"--threads must be at least 1, got {requested}")
-        return ThreadPlan(threads=requested, cores=cores, processes=processes, workers=workers, requested=True)
-    threads = max(1, (cores - workers) // max(1, processes))
-    return ThreadPlan(threads=threads, cores=cores, processes=processes, workers=workers, requested=False)
+        return ThreadPlan(threads=requested, cores=cores, processes=processes, workers=workers, busy=0,
+                          requested=True)
+    threads = max(1, (cores - workers - busy) // max(1, processes))
+    return ThreadPlan(threads=threads, cores=cores, processes=processes, workers=workers, busy=busy, requested=False)
 
 
-def busy_hint(plan: ThreadPlan, interval_s: float = 0.2) -> str | None:
-    """A line for the user when other work keeps cores busy and more than one thread would wait on it:
-    a parallel region ends only when its slowest thread does, so a descheduled thread can make a stage
-    several times slower (measured: 6x for pretrain with one of two cores busy)."""
-    if plan.threads < 2 or plan.requested:
-        return None
+def omp_num_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it is set to a whole number: the user's choice, as torch itself reads it."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def thread_plan(*, processes: int = 1, workers: int = 0, requested: int | None = None) -> ThreadPlan:
+    """``plan_threads`` for this machine now: ``--threads``, else ``OMP_NUM_THREADS``, else the cores that
+    the load read now leaves."""
+    if requested is None and (from_env := omp_num_threads()) is not None:
+        return dataclasses.replace(plan_threads(processes=processes, workers=workers, requested=from_env),
+                                   from_environment=True)
+    busy = 0 if requested is not None else busy_cores_elsewhere()
+    return plan_threads(processes=processes, workers=workers, busy=busy, requested=requested)
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+"""glibc ``mallopt`` parameters (malloc.h)."""
+
+
+def reuse_freed_memory() -> bool:
+    """Keep memory that torch frees for its next allocation instead of handing it back to the kernel
+    (glibc only; a no-op elsewhere). True when the setting took.
+
+    Every training or scoring step allocates and frees the same large tensors (the demo's logits alone,
+    16 × 128 × 8,192 floats, are 67 MB). glibc serves each allocation past its mmap threshold (at most
+    32 MB) with a fresh ``mmap`` and returns it with ``munmap`` on free, so the kernel zeroes every page
+    again at the next step: over 30 tiny pretrain steps that was 2.19M minor page faults and 7.3 s of
+    system time against 0.31M and 1.8 s with the heap kept (bench/README_bliss.md). The high-water mark
+    is what it was; freed memory just stays with the process until it exits.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        import psutil
-
-        busy = sum(psutil.cpu_percent(interval=interval_s, percpu=True)) / 100
-    except Exception:  # no psutil reading: say nothing rather than guess
-        return None
-    if busy < 0.75:
-        return None
-    return (f"note: about {busy:.1f} of {plan.cores} cores are busy with other work; with {plan.threads} torch "
-            "threads this stage may run several times slower than with --threads 1")
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: leave its allocator alone
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 # --- child processes ------------------------------------------------------------------------------

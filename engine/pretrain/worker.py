@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.errors import UserError, describe_machine_error, is_machine_error
     from engine.pretrain.launch import read_frozen_config
     from engine.pretrain.train import train
-    from engine.runtime import die_with_parent, start_runtime, stop_runtime
+    from engine.runtime import die_with_parent, reuse_freed_memory, start_runtime, stop_runtime
 
     die_with_parent()  # torchrun killed (its launcher was): no trainer goes on writing the run
+    reuse_freed_memory()  # no page faults on the tensors each step frees and allocates again
     rank = int(os.environ.get("RANK", 0))
     runtime = None
     try:
