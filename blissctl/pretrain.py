@@ -49,7 +49,7 @@ def pretrain_command(
     node_rank: Annotated[int | None, Opt("--node-rank", help="This node's rank (static rendezvous).")] = None,
     rdzv_endpoint: Annotated[str | None, Opt("--rdzv-endpoint", help="HOST:PORT of node 0, for --nnodes > 1.")] = None,  # noqa: E501
     workers: Annotated[int | None, Opt("--workers", help="Tokenising processes. Default: CPU count.")] = None,
-    threads: Annotated[int | None, Opt("--threads", help="Torch threads of each process. Default: cores ÷ --nproc-per-node.")] = None,  # noqa: E501
+    threads: Annotated[int | None, Opt("--threads", help="Torch threads of each process. Default: the cores other work leaves idle ÷ --nproc-per-node.")] = None,  # noqa: E501
     resume: Annotated[bool, Opt("--resume", help="Continue the run from its latest checkpoint.")] = False,
     stop_after: Annotated[int | None, Opt("--stop-after", help="Stop (with a checkpoint) after N steps of this launch, e.g. for a time-limited job.")] = None,  # noqa: E501
     dry_run: Annotated[bool, Opt("--dry-run", help="Print the torchrun command and settings; write nothing.")] = False,

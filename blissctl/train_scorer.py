@@ -57,7 +57,7 @@ def train_scorer_command(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.", rich_help_panel=RUN)] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.", rich_help_panel=RUN)] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard scalars in runs/NAME/tensorboard/.", rich_help_panel=RUN)] = True,
-    threads: Annotated[int | None, typer.Option("--threads", help="Torch threads. Default: the machine's cores.", rich_help_panel=RUN)] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Torch threads. Default: the cores other work leaves idle (printed at start).", rich_help_panel=RUN)] = None,
 ) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -65,9 +65,9 @@ def train_scorer_command(
     from engine.bliss.train import run_train_scorer
     from engine.data.sample import sample_pool_glob, sample_val_path
     from engine.run_dir import RunDir
-    from engine.runtime import busy_hint, plan_threads
+    from engine.runtime import thread_plan
 
-    plan = plan_threads(requested=threads)
+    plan = thread_plan(requested=threads)
 
     config = TrainScorerConfig(
         train=tuple(train) if train else (sample_pool_glob(),), val=val or str(sample_val_path()), proxy=proxy,
@@ -80,8 +80,6 @@ def train_scorer_command(
         tensorboard=tensorboard, threads=plan.threads,
     )
     console.print(f"[dim]{plan.describe()}[/]")
-    if note := busy_hint(plan):
-        console.print(f"[yellow]{note}[/]")
     run_dir = RunDir.named(f"bliss-{proxy}" if run is None else run, runs_dir)
     total = config.warmup_steps + config.steps
 

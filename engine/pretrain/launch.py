@@ -30,7 +30,7 @@ import orjson
 from engine.errors import ReportedError, UserError
 from engine.pretrain.config import PretrainConfig, fit_batch_to_processes, preset_training_defaults
 from engine.run_dir import RunDir, atomic_write_json, config_to_dict
-from engine.runtime import busy_hint, die_with_parent, plan_threads
+from engine.runtime import die_with_parent, thread_plan
 
 STAGE = "pretrain"
 CONFIG_NAME = "pretrain_config.json"
@@ -403,7 +403,7 @@ def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, sa
     nproc = launch.nproc_per_node or default_nproc(flags.get("device"))
     notes: list[str] = []
     config = resolve_config({**flags, "world_size": nproc * launch.nnodes}, run, resume=launch.resume, notes=notes)
-    threads = plan_threads(processes=nproc, requested=flags.get("threads"))
+    threads = thread_plan(processes=nproc, requested=flags.get("threads"))  # before any worker of ours starts
     config = dataclasses.replace(config, threads=threads.threads)
     cmd = torchrun_command(
         config_path(run), nproc_per_node=nproc, nnodes=launch.nnodes, node_rank=launch.node_rank,
@@ -430,8 +430,6 @@ def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, sa
         write_frozen_config(run, config)
         say(describe(config))
         say(threads.describe())
-        if note := busy_hint(threads):
-            say(note)
         say(format_command(cmd))
         finished = run_forwarding_signals(cmd, env=worker_environment())
     finally:
