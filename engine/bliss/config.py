@@ -71,13 +71,15 @@ class TrainScorerConfig:
     """``--vocab-size``: vocabulary of the default BPE tokenizer."""
     device: str = "auto"
     """``--device``: ``cpu``, ``cuda`` or ``auto`` (cuda when available)."""
-    hypergrad: str = "graph"
-    """``--hypergrad``: ``graph`` (one reverse pass through ∇θp g's graph, asking for θs only), ``jvp``
-    (all c_i by forward mode) or ``fd`` (c_i by central differences at θp ± εz: two forward passes with
-    the fast kernels, no graph; exact up to O(ε²))."""
-    z_hvp: str = "exact"
-    """``--z-hvp``: how the z-solve multiplies by H: ``exact`` (double backward through ∇θp g's graph) or
-    ``fd`` (the difference of two gradients at θp ± εx, fast kernels)."""
+    hypergrad: str = "fd"
+    """``--hypergrad``: ``fd`` (c_i by central differences at θp ± εz: two forward passes with the fast
+    kernels, no graph; exact up to O(ε²)), or the exact references ``graph`` (one reverse pass through
+    ∇θp g's graph, asking for θs only) and ``jvp`` (all c_i by forward mode). ``fd`` with ``z_hvp=fd``
+    is the default because it selected as the exact route did at 0.58× of its cost per outer step beyond
+    the inner steps (bench/README_bliss.md)."""
+    z_hvp: str = "fd"
+    """``--z-hvp``: how the z-solve multiplies by H: ``fd`` (the difference of two gradients at θp ± εx,
+    fast kernels) or ``exact`` (double backward through ∇θp g's graph)."""
     fd_step: float = 1e-3
     """``--fd-step``: the finite-difference step as a share of ‖θp‖: ε = fd_step·‖θp‖/‖direction‖."""
     z_carry: bool = False
@@ -157,7 +159,9 @@ class TrainScorerConfig:
 
 
 RESUME_KEYS = ("proxy", "seq_len", "batch_size", "steps", "warmup_steps", "inner_steps", "seed", "tokenizer",
-               "vocab_size", "hypergrad", "shuffle_buffer", "train", "val")
+               "vocab_size", "hypergrad", "z_hvp", "z_carry", "shuffle_buffer", "train", "val")
+BEFORE_KEY = {"z_hvp": "exact", "z_carry": False}
+"""What a checkpoint written before a key existed ran with."""
 HYPERGRAD_ROUTES = ("graph", "jvp", "fd")
 
 
@@ -168,6 +172,7 @@ def resume_keys(config: TrainScorerConfig) -> dict[str, Any]:
 def check_resumable(saved: dict[str, Any], config: TrainScorerConfig) -> None:
     """A resume must not silently change what the checkpoint means."""
     now = resume_keys(config)
+    saved = {**BEFORE_KEY, **saved}
     changed = [k for k in RESUME_KEYS if saved.get(k) != now[k]]
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} → {now[k]!r})" for k in changed)

@@ -139,9 +139,10 @@ def test_events_follow_the_dashboard_contract(toy, tmp_path):
     assert run.read_config()["train-scorer"]["proxy"] == "tiny"
 
 
-def test_hypergradient_by_jvp_runs_too(toy, tmp_path):
-    run = RunDir.named("jvp", tmp_path)
-    result = run_train_scorer(_config(toy, steps=1, warmup_steps=1, hypergrad="jvp"), run)
+@pytest.mark.parametrize("route", ["graph", "jvp"])
+def test_the_exact_routes_run_too(toy, tmp_path, route):
+    run = RunDir.named(route, tmp_path)
+    result = run_train_scorer(_config(toy, steps=1, warmup_steps=1, hypergrad=route, z_hvp="exact"), run)
     step = next(e for e in _events(run) if e["kind"] == "step")
     assert result.steps == 1 and step["hypergrad_norm"] > 0
 
@@ -153,6 +154,9 @@ def test_existing_run_needs_resume_and_resume_refuses_changed_settings(toy, tmp_
         run_train_scorer(_config(toy, steps=1, warmup_steps=0), run)
     with pytest.raises(UserError, match="--seq-len"):
         run_train_scorer(_config(toy, steps=1, warmup_steps=0, seq_len=32, resume=True), run)
+    other_products = "fd" if _config(toy).z_hvp == "exact" else "exact"  # the method may not change mid-run
+    with pytest.raises(UserError, match="--z-hvp"):
+        run_train_scorer(_config(toy, steps=1, warmup_steps=0, z_hvp=other_products, resume=True), run)
 
 
 @pytest.mark.parametrize(
