@@ -27,6 +27,7 @@ from engine.eval.compare import (
     summarise_arms,
 )
 from engine.run_dir import RunDir, atomic_write_json, check_config_integers, check_run_name
+from engine.runtime import plan_threads
 
 DEMO_ARMS = ("bliss", "random")
 REFERENCE_ARM = "random"
@@ -145,6 +146,13 @@ class Stage:
     timing: dict = field(default_factory=dict)
 
 
+def pinned_threads() -> tuple[str, ...]:
+    """``--threads`` from the machine's cores alone, not their load at the moment: the thread count
+    changes the order of floating-point reductions, and the demo's figures must reproduce bit for bit
+    on the same machine (a busy machine makes it slower, not different)."""
+    return ("--threads", str(plan_threads().threads))
+
+
 def plan(settings: DemoSettings, runs_dir: Path) -> list[Stage]:
     """The demo's stages in order, each with its command line and how to tell it has already run."""
     scorer = RunDir(runs_dir / settings.run("scorer"))
@@ -154,7 +162,7 @@ def plan(settings: DemoSettings, runs_dir: Path) -> list[Stage]:
         argv=train_scorer_argv(train=settings.train, val=settings.val, run=scorer.name, runs_dir=runs_dir,
                                proxy=settings.proxy, steps=settings.scorer_steps,
                                warmup_steps=settings.scorer_warmup_steps, seq_len=settings.scorer_seq_len,
-                               batch_size=settings.scorer_batch_size, seed=settings.seed),
+                               batch_size=settings.scorer_batch_size, seed=settings.seed, extra=pinned_threads()),
         run_dir=scorer.root,
         done=lambda: stage_done(scorer.root, "train-scorer") and artifacts.score_model_path(scorer).exists(),
         resumable=lambda: artifacts.trainer_state_path(scorer).exists(),
@@ -167,7 +175,8 @@ def plan(settings: DemoSettings, runs_dir: Path) -> list[Stage]:
             title=f"select: {settings.budget} of the tokens with {arm}",
             argv=select_argv(arm=arm, train=settings.train, val=settings.val, budget=settings.budget, run=select.name,
                              runs_dir=runs_dir, scorer_run=scorer.root, seq_len=settings.scorer_seq_len,
-                             seed=settings.seed, chunks=settings.chunks, exact_token_counts=True),
+                             seed=settings.seed, chunks=settings.chunks, exact_token_counts=True,
+                             extra=pinned_threads()),
             run_dir=select.root,
             done=lambda select=select: (select.selected / "manifest.json").exists(),
             resumable=lambda select=select: "select" in select.read_config(),
@@ -179,7 +188,7 @@ def plan(settings: DemoSettings, runs_dir: Path) -> list[Stage]:
             argv=pretrain_argv(data=runs_dir / settings.run(arm) / "selected", run=lm.name, runs_dir=runs_dir,
                                size=settings.size, val=settings.val, seq_len=settings.seq_len,
                                batch_tokens=settings.batch_tokens, steps=settings.steps,
-                               eval_every=settings.eval_every, seed=settings.seed),
+                               eval_every=settings.eval_every, seed=settings.seed, extra=pinned_threads()),
             run_dir=lm.root,
             done=lambda lm=lm: stage_done(lm.root, "pretrain"),
             resumable=lambda lm=lm: lm.checkpoints.is_dir() and any(lm.checkpoints.iterdir()),

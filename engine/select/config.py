@@ -48,8 +48,8 @@ class SelectConfig:
     workers: int = 2
     """Reader processes (decompress, parse, tokenise); 0 reads in the main process."""
     threads: int | None = None
-    """Torch threads of a model scorer in the main process (the CLI's default: the cores left by the
-    reader workers, ``engine.runtime.plan_threads``); None leaves torch's setting alone."""
+    """Torch threads of a model scorer in the main process (the CLI's default: the cores other work
+    leaves idle, ``engine.runtime.thread_plan``); None leaves torch's setting alone."""
     tokenizer: str | None = None
     """A tokenizer.json or hub id; default: train a byte-level BPE on the input, saved in the run."""
     vocab_size: int = DEFAULT_VOCAB_SIZE
