@@ -31,9 +31,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def run_dsir(shards: list[str], num_to_sample: int, num_proc: int) -> dict:
+def run_dsir(shards: list[str], num_to_sample: int, num_proc: int, target: str | None = None) -> dict:
     """DSIR (hashed n-gram importance resampling, PyPI ``data-selection``) on the same pool and budget:
-    fit on the embedded validation set, weigh every document, keep the top ``num_to_sample``."""
+    fit on ``target`` (default: the embedded validation set), weigh every document, keep the top
+    ``num_to_sample``."""
     try:
         from data_selection import HashedNgramDSIR
     except ImportError:
@@ -47,7 +48,7 @@ def run_dsir(shards: list[str], num_to_sample: int, num_proc: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        dsir = HashedNgramDSIR(list(shards), [str(sample_val_path())], cache_dir=f"{tmp}/cache",
+        dsir = HashedNgramDSIR(list(shards), [target or str(sample_val_path())], cache_dir=f"{tmp}/cache",
                                raw_load_dataset_fn=load, target_load_dataset_fn=load, num_proc=num_proc)
         dsir.fit_importance_estimator(num_tokens_to_fit="auto")
         dsir.compute_importance_weights()

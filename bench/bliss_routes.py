@@ -51,6 +51,18 @@ def kept_lines(run: Path) -> set[str]:
     return out
 
 
+def scorer_timing(run: Path) -> dict:
+    """train-scorer's own wall time (its done event) and its bilevel rate (outer steps/s, last step event)."""
+    import orjson
+
+    events = [orjson.loads(line) for line in (run / "events.jsonl").read_bytes().splitlines() if line.strip()]
+    done = [e for e in events if e.get("stage") == "train-scorer" and e.get("kind") == "done"]
+    steps = [e for e in events if e.get("stage") == "train-scorer" and e.get("kind") == "step"]
+    return {"train_scorer_elapsed_s": done[-1]["elapsed_s"] if done else None,
+            "outer_steps_per_s": steps[-1]["steps_per_s"] if steps else None,
+            "z_cos_v_last": steps[-1].get("z_cos_v") if steps else None}
+
+
 def run_stage(argv: list[str], log: Path) -> dict:
     started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "ab") as out:
@@ -78,6 +90,7 @@ def main() -> None:
     results = {"graph-z3 (the demo)": {
         "val_loss": (last_eval(args.baseline / demo.run("bliss-lm")) or {}).get("loss_val"),
         "speedup_vs_random": speedup(random_curve, baseline_curve), "overlap_with_demo": 1.0, "jaccard_with_demo": 1.0,
+        **scorer_timing(args.baseline / demo.run("scorer")),
     }}
     for name in args.variants.split(","):
         flags = VARIANTS[name].split()
@@ -108,7 +121,7 @@ def main() -> None:
             run_stage(eval_argv(checkpoint=lm, val=demo.val), log)
         kept = kept_lines(work / name)
         results[name] = {
-            "flags": VARIANTS[name], "outer_steps": steps, "costs": costs,
+            "flags": VARIANTS[name], "outer_steps": steps, "costs": costs, **scorer_timing(scorer),
             "val_loss": last_eval(lm)["loss_val"],
             "speedup_vs_random": speedup(random_curve, pretrain_curve(lm)),
             "overlap_with_demo": round(len(kept & baseline_kept) / max(len(baseline_kept), 1), 4),

@@ -1,0 +1,157 @@
+"""BLISS scoring throughput against DSIR on the same shard and budget, and what could make it faster.
+
+The score model is a trained one (``--runs-dir``/``--scorer-run``, e.g. a finished ``blissctl demo``:
+the ``tiny`` scorer and ``--chunks 4`` that the quality bench picked). On one pool shard, in one run:
+
+1. End to end, as users run it (``python -m blissctl select`` in a subprocess: reader workers,
+   tokenising, scoring, score files, top-k, writing the subset), ``--budget`` of the documents:
+   ``--scorer bliss`` with the default thread plan and with ``--threads 2``, and ``--scorer dsir``
+   (ours) for reference;
+2. DSIR itself (PyPI ``data-selection``: fit on the same target, weigh, top-k resample) on the shard;
+3. In process, the scorer alone on the shard's pre-tokenised documents, one candidate speed-up at a
+   time: fp32 (the default), bf16 autocast, int8 dynamic quantisation of the Linear layers, and one
+   thread against the plan's. Each candidate's kept set (top share of documents by score) is compared
+   with fp32's: a faster variant must keep ≥ 99% of it.
+
+Recorded in bench/results/scoring.json: ``scoring.bliss_over_dsir_ratio`` (end-to-end docs/s of
+``select --scorer bliss`` ÷ DSIR's, goal ≥ 1.0) and ``scoring.variants.<name>`` (docs/s, speed-up over
+fp32, kept-set overlap).
+
+    .venv/bin/python bench/bench_scoring.py --runs-dir runs              # after blissctl demo --runs-dir runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import POOL, record  # noqa: E402
+
+
+def select_rate(argv: list[str], runs: Path, run: str) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "blissctl", "select", *argv, "--runs-dir", str(runs), "--run", run],
+                         capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        raise SystemExit(f"select failed:\n{out.stdout}\n{out.stderr}")
+    manifest = json.loads((runs / run / "selected" / "manifest.json").read_text())
+    seen = manifest["documents"]["seen"]
+    plan = next((line.strip() for line in out.stdout.splitlines() if "torch threads" in line), None)
+    return {"docs_per_s": round(seen / wall, 1), "wall_s": round(wall, 2), "docs": seen,
+            "kept": manifest["documents"]["kept"], "cpu_s": round(after.ru_utime + after.ru_stime
+                                                                   - before.ru_utime - before.ru_stime, 1),
+            "plan": plan}
+
+
+def kept_set(scores, share: float) -> set[int]:
+    import numpy as np
+
+    k = int(round(len(scores) * share))
+    return set(np.argsort(-np.asarray(scores), kind="stable")[:k].tolist())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs", help="where the scorer run is")
+    parser.add_argument("--scorer-run", default="demo-scorer")
+    parser.add_argument("--shard", type=Path, default=POOL / "c4-train.00000-of-00008.jsonl.zst")
+    parser.add_argument("--target", type=Path, default=None, help="DSIR's target (default: the scorer run's --val)")
+    parser.add_argument("--budget", default="30%", help="a share of the documents")
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    from bench_bliss_select import run_dsir
+
+    from engine.data.sources import read_texts
+    from engine.data.tokenizer import load_tokenizer
+    from engine.runtime import thread_plan
+    from engine.select.scorers.base import ShardBatch
+    from engine.select.scorers.bliss import BlissScorer
+
+    scorer_config = json.loads((args.runs_dir / args.scorer_run / "config.json").read_text())
+    target = args.target or Path(scorer_config.get("val") or scorer_config["train-scorer"]["val"])
+    share = float(args.budget.rstrip("%")) / 100
+    figures: dict = {"shard": args.shard.name, "scorer_run": args.scorer_run, "chunks": args.chunks,
+                     "budget": args.budget, "target": str(target)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(tmp)
+        (runs / args.scorer_run).symlink_to((args.runs_dir / args.scorer_run).resolve())
+        common = ["--input", str(args.shard), "--budget", args.budget, "--unit", "docs", "--workers", str(args.workers)]
+        figures["select_bliss"] = select_rate(
+            [*common, "--scorer", "bliss", "--scorer-run", args.scorer_run, "--chunks", str(args.chunks)], runs, "bliss")
+        print("select --scorer bliss:", figures["select_bliss"], flush=True)
+        figures["select_bliss_threads_2"] = select_rate(
+            [*common, "--scorer", "bliss", "--scorer-run", args.scorer_run, "--chunks", str(args.chunks),
+             "--threads", "2"], runs, "bliss-threads-2")
+        print("select --scorer bliss --threads 2:", figures["select_bliss_threads_2"], flush=True)
+        figures["select_dsir_ours"] = select_rate(
+            [*common, "--scorer", "dsir", "--val", str(target),
+             "--tokenizer", str(args.runs_dir / args.scorer_run / "tokenizer.json")], runs, "dsir")
+        print("select --scorer dsir:", figures["select_dsir_ours"], flush=True)
+        docs = figures["select_bliss"]["docs"]
+        figures["dsir_reference"] = run_dsir([str(args.shard)], int(round(docs * share)), args.workers + 1,
+                                             target=str(target))
+        print("DSIR (data-selection):", figures["dsir_reference"], flush=True)
+    if "docs_per_s" in figures["dsir_reference"]:
+        figures["bliss_over_dsir_ratio"] = round(
+            figures["select_bliss"]["docs_per_s"] / figures["dsir_reference"]["docs_per_s"], 3)
+
+    # 3. candidates, in process, on the shard's documents tokenised once
+    scorer = BlissScorer.load(args.scorer_run, args.runs_dir, chunks=args.chunks)
+    texts = read_texts([args.shard])
+    tokenizer = load_tokenizer(scorer.tokenizer_path)
+    tokens = [np.asarray(e.ids[: scorer.max_tokens], dtype=np.uint32)
+              for e in tokenizer.encode_batch([t[:20_000] for t in texts])]
+    batches = [ShardBatch("s", np.arange(i, min(i + 256, len(tokens)), dtype=np.uint32),
+                          np.zeros(min(256, len(tokens) - i), np.uint32), tokens[i : i + 256])
+               for i in range(0, len(tokens), 256)]
+    plan_threads = thread_plan(workers=0).threads
+    fp32_model = scorer.model
+
+    def timed(name: str, model, threads: int, autocast_dtype=None) -> dict:
+        torch.set_num_threads(threads)
+        scorer.model = model
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            scores = np.concatenate([scorer.score(b) for b in batches])
+        elapsed = time.perf_counter() - start
+        return {"docs_per_s": round(len(tokens) / elapsed, 1), "threads": threads, "scores": scores}
+
+    variants = {"fp32": timed("fp32", fp32_model, plan_threads)}
+    variants["fp32_1_thread"] = timed("fp32_1_thread", fp32_model, 1)
+    variants["bf16_autocast"] = timed("bf16_autocast", fp32_model, plan_threads, torch.bfloat16)
+    quantised = copy.deepcopy(fp32_model)  # the backbone's Linear layers; the one-output head stays fp32
+    quantised.backbone = torch.ao.quantization.quantize_dynamic(quantised.backbone, {torch.nn.Linear},
+                                                                dtype=torch.qint8)
+    variants["int8_dynamic"] = timed("int8_dynamic", quantised, plan_threads)
+    reference = kept_set(variants["fp32"]["scores"], share)
+    figures["variants"] = {}
+    for name, row in variants.items():
+        kept = kept_set(row.pop("scores"), share)
+        row["speedup_over_fp32"] = round(row["docs_per_s"] / variants["fp32"]["docs_per_s"], 3)
+        row["kept_overlap_with_fp32"] = round(len(kept & reference) / max(len(reference), 1), 4)
+        figures["variants"][name] = row
+        print(name, row, flush=True)
+    record("scoring", {"command": " ".join(sys.argv), "scoring": figures})
+
+
+if __name__ == "__main__":
+    main()
