@@ -75,7 +75,7 @@ class TrainScorerConfig:
     """``--hypergrad``: ``fd`` (c_i by central differences at θp ± εz: two forward passes with the fast
     kernels, no graph; exact up to O(ε²)), or the exact references ``graph`` (one reverse pass through
     ∇θp g's graph, asking for θs only) and ``jvp`` (all c_i by forward mode). ``fd`` with ``z_hvp=fd``
-    is the default because it selected as the exact route did at 0.58× of its cost per outer step beyond
+    is the default because it selected as the exact route did at 0.57× of its cost per outer step beyond
     the inner steps (bench/README_bliss.md)."""
     z_hvp: str = "fd"
     """``--z-hvp``: how the z-solve multiplies by H: ``fd`` (the difference of two gradients at θp ± εx,
