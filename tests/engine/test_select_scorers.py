@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import orjson
 import pytest
@@ -106,3 +108,21 @@ def test_dsir_from_the_cli_on_the_embedded_sample(tmp_path, small_tokenizer):
     manifest = orjson.loads((tmp_path / "d" / "selected" / "manifest.json").read_bytes())
     assert manifest["scorer"]["name"] == "dsir" and 0 < manifest["tokens"]["kept"] <= manifest["budget"]["amount"]
     assert "2,400" in result.output
+
+
+def test_a_dsir_fit_left_by_an_attempt_on_another_target_is_fitted_again(sample_selections, small_tokenizer,
+                                                                         tmp_path):
+    from engine.select.scorers.dsir import MODEL_FILE, SCALE_FILE
+
+    runs, first, _ = sample_selections
+    half = runs / "half-done"  # an attempt that fitted DSIR and stopped before recording its config
+    half.mkdir()
+    for name in (MODEL_FILE, SCALE_FILE):
+        shutil.copy(runs / "dsir" / name, half / name)
+    other = write_shard(tmp_path / "other.jsonl", make_records(40))
+    manifest = run_select(SelectConfig(inputs=tuple(map(str, discover_shards(sample_pool_glob())[:2])), budget="30%",
+                                       workers=0, tokenizer=str(small_tokenizer), runs_dir=str(runs), scorer="dsir",
+                                       val=str(other)), RunDir.named("half-done", runs))
+    assert manifest["scorer"]["val"] == str(other)
+    assert manifest["scorer"]["log_ratio_sha256"] != first["scorer"]["log_ratio_sha256"]
+    assert orjson.loads((half / SCALE_FILE).read_bytes())["val"] == str(other)

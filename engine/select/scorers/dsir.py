@@ -16,7 +16,6 @@ the reference package, resampling included).
 
 from __future__ import annotations
 
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -82,21 +81,25 @@ def score_scale(model: DsirModel, texts: list[str]) -> float:
 def build(context: ScorerContext) -> DsirScorer:
     config, run_dir = context.config, context.run_dir
     model_path, scale_path = run_dir.root / MODEL_FILE, run_dir.root / SCALE_FILE
+    fitted_on = {"val": str(Path(config.val)), "inputs": [str(shard) for shard in context.shards]}
+    recorded = None
     if model_path.exists() and scale_path.exists():  # fitted by this run already (resume, other ranks)
         import orjson
 
-        model = DsirModel.load(model_path)
         recorded = orjson.loads(scale_path.read_bytes())
+    if recorded is not None and all(recorded.get(k) == v for k, v in fitted_on.items()):
+        model = DsirModel.load(model_path)
         if recorded.get("log_ratio_sha256") != model.describe()["log_ratio_sha256"]:
             raise UserError(f"{scale_path} does not belong to {model_path}; run with --force to fit DSIR again")
         scale = float(recorded["scale"])
-    else:
+    else:  # no fit yet, or one of another target or pool (a first attempt that stopped before its config)
         target = read_texts(config.val)
         if not target:
             raise UserError(f"--val {config.val}: no target documents to fit DSIR on")
-        model = fit_dsir(training_sample(context.shards), target)
-        scale = score_scale(model, list(islice(training_sample(context.shards), SCALE_SAMPLE_DOCS)))
+        sample = list(training_sample(context.shards))  # read once for the fit and the scale
+        model = fit_dsir(sample, target)
+        scale = score_scale(model, sample[:SCALE_SAMPLE_DOCS])
         model.save(model_path)
         atomic_write_json(scale_path, {"scale": scale, "log_ratio_sha256": model.describe()["log_ratio_sha256"],
-                                       "val": str(Path(config.val))})
+                                       **fitted_on})
     return DsirScorer(model, scale=scale, val=str(config.val), max_tokens=config.seq_len or DEFAULT_SEQ_LEN)
