@@ -146,14 +146,13 @@ def solve_z_with(hvp: Callable[[list[Tensor]], list[Tensor]], v: Params, *, step
     """
     z = [s.detach().clone() for s in start] if start is not None else [torch.full_like(vi, init).detach() for vi in v]
     residual = curvature = None
-    v_norm = max(norm(v), 1e-30)
     for k in range(steps):
         # From z = 0 the first product is exactly 0: skip that pass (a third of the default solve).
         from_zero = k == 0 and start is None and init == 0
         hz = [torch.zeros_like(vi) for vi in v] if from_zero else hvp(z)
         update = [h.detach() + damping * zi - vi for h, zi, vi in zip(hz, z, v, strict=True)]
         if not from_zero:
-            residual = norm(update) / v_norm
+            residual = z_residual(hz, z, v, damping)
             curvature = norm(hz) / max(norm(z), 1e-30)
         update = clip_per_tensor(update, clip)
         z = [zi - lr * u for zi, u in zip(z, update, strict=True)]
@@ -216,21 +215,6 @@ def central_difference(fn: Callable[[], Tensor | list[Tensor]], params: Params, 
     if isinstance(plus, Tensor):
         return (plus.double() - minus.double()) / (2 * eps)
     return [(a.double() - b.double()) / (2 * eps) for a, b in zip(plus, minus, strict=True)]
-
-
-def mixed_second_derivative(grad_g: Params, proxy_params: Params, score_params: Params, z: Params
-                            ) -> tuple[list[Tensor], list[Tensor]]:
-    """One reverse pass through ∇θp g · z: returns (∇θs(∇θp g · z), H z).
-
-    ``grad_g`` must have been built with the batch weights still attached to the score model. The
-    hypergradient is the negation of the first result; H z gives the z residual at no extra pass.
-    Frees the graph.
-    """
-    grads = torch.autograd.grad(grad_g, [*proxy_params, *score_params], grad_outputs=list(z), allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, [*proxy_params, *score_params],
-                                                                      strict=True)]
-    n = len(proxy_params)
-    return grads[n:], grads[:n]
 
 
 def z_residual(hz: Params, z: Params, v: Params, damping: float) -> float:

@@ -48,15 +48,23 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_
     optimizer.zero_grad(set_to_none=True)
 
 
-def lower_objective_terms(proxy, target, ids, mask, weights, config: TrainScorerConfig, gamma: float):
-    """g = Σ P_i L_i + γ·KL + λ‖θp‖² for one batch, and the per-sample losses L_i (B,)."""
+def target_logits_of(target, ids, mask, gamma: float) -> torch.Tensor | None:
+    """The frozen target's logits (B, T, V) for the KL term, None without one (γ = 0)."""
+    if target is None or not gamma:
+        return None
+    with torch.no_grad():
+        return bilevel.lm_logits(target, ids, mask)
+
+
+def lower_objective_terms(proxy, target, ids, mask, weights, config: TrainScorerConfig, gamma: float,
+                          target_logits: torch.Tensor | None = None):
+    """g = Σ P_i L_i + γ·KL + λ‖θp‖² for one batch, and the per-sample losses L_i (B,). ``target_logits``:
+    the target's logits of this batch when already computed (they do not depend on θp)."""
     logits = bilevel.lm_logits(proxy, ids, mask)
     losses = bilevel.sequence_losses(logits, ids, mask)  # (B,)
-    kl = None
-    if target is not None and gamma:
-        with torch.no_grad():
-            target_logits = bilevel.lm_logits(target, ids, mask)  # (B, T, V), frozen
-        kl = bilevel.token_kl(logits, target_logits, mask)
+    if target_logits is None:
+        target_logits = target_logits_of(target, ids, mask, gamma)
+    kl = None if target_logits is None else bilevel.token_kl(logits, target_logits, mask)
     g = bilevel.lower_objective(losses, weights, list(proxy.parameters()), gamma=gamma, l2=config.l2, kl=kl)
     return g, losses
 
@@ -147,11 +155,12 @@ def outer_step(*, proxy: torch.nn.Module, score_model: ScoreModel, target: torch
         weights = bilevel.batch_weights(scores)
     needs_graph = config.hypergrad in ("graph", "jvp") or config.z_hvp == "exact"
     grad_g = None
+    target_logits = target_logits_of(target, ids, mask, gamma)  # once: every gradient of g below reuses them
     with bilevel.differentiable_attention() if needs_graph else contextlib.nullcontext():
         if needs_graph:  # fp32 and the MATH attention kernel: double backward / forward-mode AD
             with timed("lower_gradient_graph"):
                 attached = weights if config.hypergrad == "graph" else weights.detach()
-                g, _ = lower_objective_terms(proxy, target, ids, mask, attached, config, gamma)
+                g, _ = lower_objective_terms(proxy, target, ids, mask, attached, config, gamma, target_logits)
                 grad_g = torch.autograd.grad(g, proxy_params, create_graph=True)
         if config.z_hvp == "exact":
             def hvp(x):
@@ -159,7 +168,8 @@ def outer_step(*, proxy: torch.nn.Module, score_model: ScoreModel, target: torch
         else:  # differences of two gradients of g (weights fixed), fast kernels, fp32
             def lower_gradient():
                 with no_reduced_precision(device):
-                    g, _ = lower_objective_terms(proxy, target, ids, mask, weights.detach(), config, gamma)
+                    g, _ = lower_objective_terms(proxy, target, ids, mask, weights.detach(), config, gamma,
+                                                 target_logits)
                     return list(torch.autograd.grad(g, proxy_params))
 
             def hvp(x):
