@@ -123,7 +123,7 @@ def main() -> None:
     batches = [ShardBatch("s", np.arange(i, min(i + 256, len(tokens)), dtype=np.uint32),
                           np.zeros(min(256, len(tokens) - i), np.uint32), tokens[i : i + 256])
                for i in range(0, len(tokens), 256)]
-    plan_threads = thread_plan(workers=0).threads
+    plan_threads = thread_plan().threads
     fp32_model = scorer.model
 
     def timed(name: str, model, threads: int, autocast_dtype=None) -> dict:

@@ -76,16 +76,13 @@ def select_command(
     import os
 
     from engine.run_dir import RunDir
-    from engine.runtime import is_main_process, plan_threads, thread_plan
+    from engine.runtime import is_main_process, thread_plan
     from engine.select.config import SelectConfig
     from engine.select.stage import run_select
 
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    # The reader workers are not subtracted: feeding a model scorer takes them a fraction of a core
-    # (measured on a pool shard, 2 cores, 1 worker: 2 threads scored 411 docs/s, 1 thread 358).
-    # Alone, read the machine's load; under torchrun the sibling ranks starting up would read as load.
-    plan = (thread_plan(requested=threads) if processes == 1
-            else plan_threads(processes=processes, requested=threads))
+    # Under torchrun the sibling ranks starting up would read as load.
+    plan = thread_plan(processes=processes, requested=threads, read_load=processes == 1)
 
     config = SelectConfig(
         inputs=tuple(input or ()), budget=budget, unit=unit, scorer=scorer, scorer_run=scorer_run, device=device,

@@ -19,14 +19,13 @@ def four_cores(monkeypatch):
     monkeypatch.setattr(runtime, "available_cores", lambda: 4)
 
 
-def test_threads_are_the_cores_shared_by_the_processes_and_left_by_the_workers(four_cores):
+def test_threads_are_the_cores_shared_by_the_processes(four_cores):
     assert runtime.plan_threads().threads == 4
     assert runtime.plan_threads(processes=2).threads == 2
     assert runtime.plan_threads(processes=3).threads == 1
-    assert runtime.plan_threads(workers=2).threads == 2  # select: the reader workers take cores too
-    assert runtime.plan_threads(processes=8, workers=4).threads == 1  # never none
-    plan = runtime.plan_threads(processes=2, workers=1)
-    assert "4 core(s), less 1 reader worker(s), ÷ 2 process(es)" in plan.describe() and plan.threads == 1
+    assert runtime.plan_threads(processes=8).threads == 1  # never none
+    plan = runtime.plan_threads(processes=2, busy=1)
+    assert "4 core(s), less 1 busy with other work, ÷ 2 process(es)" in plan.describe() and plan.threads == 1
 
 
 def test_threads_asked_for_win_and_nonsense_is_one_line(four_cores):
@@ -38,7 +37,6 @@ def test_threads_asked_for_win_and_nonsense_is_one_line(four_cores):
 
 def test_cores_busy_with_other_work_are_left_to_it(four_cores):
     assert runtime.plan_threads(busy=1).threads == 3
-    assert runtime.plan_threads(busy=1, workers=1).threads == 2
     assert runtime.plan_threads(processes=2, busy=2).threads == 1
     assert runtime.plan_threads(busy=4).threads == 1  # never none
     assert "less 1 busy with other work" in runtime.plan_threads(busy=1).describe()
