@@ -78,20 +78,24 @@ def select_command(
     from engine.run_dir import RunDir
     from engine.runtime import is_main_process, thread_plan
     from engine.select.config import SelectConfig
+    from engine.select.scorers import REGISTRY
     from engine.select.stage import run_select
 
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    # Under torchrun the sibling ranks starting up would read as load.
-    plan = thread_plan(processes=processes, requested=threads, read_load=processes == 1)
+    entry = REGISTRY.get(scorer)
+    plan = None
+    if entry is not None and entry.needs_run:  # a model scorer: torch runs in this process
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # Under torchrun the sibling ranks starting up would read as load.
+        plan = thread_plan(processes=processes, requested=threads, read_load=processes == 1)
 
     config = SelectConfig(
         inputs=tuple(input or ()), budget=budget, unit=unit, scorer=scorer, scorer_run=scorer_run, device=device,
         seq_len=seq_len, chunks=chunks, batch_size=batch_size, temperature=temperature, seed=seed, workers=workers,
         tokenizer=tokenizer, vocab_size=vocab_size, exact_token_counts=exact_token_counts, resume=resume,
-        force=force, val=val, threads=plan.threads, runs_dir=str(runs_dir),
+        force=force, val=val, threads=plan.threads if plan else threads, runs_dir=str(runs_dir),
     )
     run_dir = RunDir.named(_default_run_name(scorer, budget) if run is None else run, runs_dir)
-    if scorer in ("bliss", "perplexity") and is_main_process():
+    if plan is not None and is_main_process():
         console.print(f"[dim]{plan.describe()}[/]")
     if not is_main_process():  # under torchrun only rank 0 talks to the terminal
         run_select(config, run_dir)

@@ -64,3 +64,11 @@ def describe_machine_error(error: OSError) -> str:
     where = f"{error.filename}: " if error.filename else ""
     advice = _ADVICE.get(error.errno)
     return f"{where}{what}" + (f"; {advice}" if advice else "")
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type when it has none), at most ``limit`` characters:
+    what a one-line error quotes of a library's own message."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

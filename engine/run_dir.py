@@ -180,7 +180,6 @@ class EventLog:
         self.path = path
         self.stage = stage
         self.enabled = enabled
-        self.last_kind: str | None = None
         self.mirror = mirror
         self._fd: int | None = None
         if enabled:
@@ -195,7 +194,6 @@ class EventLog:
             os.write(self._fd, orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
         except OSError as error:
             raise _with_filename(error, self.path) from None
-        self.last_kind = kind
         if self.mirror is not None:
             self.mirror.write(kind, figures)
 
@@ -297,7 +295,7 @@ class StageSession:
 
     def close(self, error: BaseException | None) -> None:
         try:
-            if error is not None and self.events.last_kind not in ("error", "interrupted"):
+            if error is not None:
                 interrupted = isinstance(error, KeyboardInterrupt)
                 message = "interrupted; run again with --resume" if interrupted else failure_message(error)
                 self.events.emit_if_possible("error", message=message, interrupted=interrupted, **self.figures)

@@ -31,7 +31,7 @@ from engine.bliss.score_model import ScoreModel
 from engine.data.collate import collate
 from engine.data.sources import discover_shards
 from engine.data.stream import DocumentStream, tokenised_documents
-from engine.data.tokenizer import PADDING, end_of_text_id, prefix_encoder, resolve_tokenizer, training_sample
+from engine.data.tokenizer import padding_id, prefix_encoder, resolve_tokenizer, training_sample
 from engine.errors import UserError
 from engine.models.checkpoints import load_pretrained_model
 from engine.models.families import build_causal_lm, count_parameters, padded_vocab_size
@@ -202,8 +202,7 @@ def build_training(config: TrainScorerConfig, run_dir: RunDir, device: torch.dev
         spec = str(target_tokenizer)
     tokenizer = resolve_tokenizer(spec, run_dir.tokenizer_path, training_sample(train_shards), config.vocab_size)
     vocab_size = tokenizer.get_vocab_size()
-    pad_id = tokenizer.token_to_id(PADDING)
-    pad_id = end_of_text_id(tokenizer) if pad_id is None else pad_id
+    pad_id = padding_id(tokenizer)
     encode = prefix_encoder(tokenizer, config.seq_len)
     run_dir.record_config(STAGE, config, seed=config.seed)
 

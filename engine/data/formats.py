@@ -81,7 +81,6 @@ FORMATS = (
     Format(".jsonl", _chunks),
     Format(".json", _chunks),
 )
-SUPPORTED_SUFFIXES = tuple(f.suffix for f in FORMATS)
 
 
 def format_of(path: Path) -> Format | None:

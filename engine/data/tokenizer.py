@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|padding|>"
@@ -87,7 +87,7 @@ def _hub_tokenizer(repo: str) -> Tokenizer:
     try:
         return Tokenizer.from_pretrained(repo)
     except Exception as error:
-        raise UserError(f"cannot load tokenizer {repo!r} from the hub: {str(error).splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer {repo!r} from the hub: {first_line(error)}") from None
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
@@ -157,14 +157,15 @@ def split_long_text(text: str, max_chars: int = ENCODE_PIECE_CHARS) -> list[str]
 
 def encode_long(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of ``texts`` (no special tokens), the long ones tokenised piece by piece."""
-    if all(len(t) <= ENCODE_PIECE_CHARS for t in texts):  # the usual case: one call for the batch
-        return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-    out: list[list[int]] = []
-    for text in texts:
-        ids: list[int] = []
-        for piece in split_long_text(text):
-            ids.extend(tokenizer.encode(piece, add_special_tokens=False).ids)
-        out.append(ids)
+    short = [i for i, t in enumerate(texts) if len(t) <= ENCODE_PIECE_CHARS]
+    out: list[list[int]] = [[] for _ in texts]
+    # The short ones (the usual case: all of them) in one batch call, even beside one huge document.
+    for i, encoding in zip(short, tokenizer.encode_batch_fast([texts[i] for i in short], add_special_tokens=False),
+                           strict=True):
+        out[i] = encoding.ids
+    for i in sorted(set(range(len(texts))) - set(short)):
+        for piece in split_long_text(texts[i]):
+            out[i].extend(tokenizer.encode(piece, add_special_tokens=False).ids)
     return out
 
 
@@ -175,6 +176,12 @@ def end_of_text_id(tokenizer: Tokenizer) -> int:
         if token_id is not None:
             return token_id
     raise UserError("the tokenizer has no end-of-text token (<|endoftext|>)")
+
+
+def padding_id(tokenizer: Tokenizer) -> int:
+    """The id batches are padded with: ``<|padding|>`` where the tokenizer has it, else end-of-text."""
+    pad_id = tokenizer.token_to_id(PADDING)
+    return end_of_text_id(tokenizer) if pad_id is None else pad_id
 
 
 def resolve_tokenizer(

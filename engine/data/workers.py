@@ -135,7 +135,7 @@ def _longer_prefix(tokenizer, text: str, cap: int, max_tokens: int) -> tuple[lis
         if window >= len(text):
             doc_ids = encode_long(tokenizer, [text])[0]
             return doc_ids, len(doc_ids), 0
-        doc_ids = tokenizer.encode(text[:window], add_special_tokens=False).ids
+        doc_ids = encode_long(tokenizer, [text[:window]])[0]  # bounded memory even for a huge window
         if len(doc_ids) > max_tokens:
             return doc_ids, int(round(len(doc_ids) * len(text) / window)), 1
 

@@ -264,10 +264,6 @@ class TaskScore:
         """The figure a BLISS / MATES table lists: ``acc_norm`` where reported, else ``acc``."""
         return self.acc_norm if self.acc_norm is not None else self.acc
 
-    @property
-    def score_metric(self) -> str:
-        return "acc_norm" if self.acc_norm is not None else "acc"
-
 
 @dataclass(frozen=True, kw_only=True)
 class TaskResults:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 from engine.run_dir import atomic_write_with
 
 
@@ -46,7 +46,7 @@ def load_torch_file(path: Path, *, what: str) -> Any:
         raise UserError(f"cannot read {what} {path}: not a file of tensors and plain data"
                         + (f" ({reason.group(1).strip()})" if reason else "")) from None
     except Exception as error:  # truncated zip, random bytes, a file of another tool
-        raise UserError(f"cannot read {what} {path}: {_first_line(error)}") from None
+        raise UserError(f"cannot read {what} {path}: {first_line(error)}") from None
 
 
 def load_weights(model: torch.nn.Module, state: Any, *, path: Path, what: str) -> None:
@@ -56,10 +56,5 @@ def load_weights(model: torch.nn.Module, state: Any, *, path: Path, what: str) -
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: its weights do not fit the model it describes ({_first_line(error)})") from None
+        raise UserError(f"{path}: its weights do not fit the model it describes ({first_line(error)})") from None
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-    return line if len(line) <= 200 else line[:197] + "..."

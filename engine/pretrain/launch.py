@@ -432,20 +432,19 @@ def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, sa
         say(threads.describe())
         say(format_command(cmd))
         finished = run_forwarding_signals(cmd, env=worker_environment())
+        if finished.code != 0:
+            if finished.explained:  # the trainer's own line said what went wrong: nothing to add
+                raise ReportedError(f"torchrun exited with status {finished.code}", code=2)
+            raise UserError(f"training failed (torchrun exited with status {finished.code}); see the messages above")
+        if launch.export_hf and launch.takes_the_run_lock:
+            from engine.models.export import export_hf
+
+            # Here, in the launcher, not on the trainer ranks (no GPU memory), under the run's lock still.
+            exported = export_hf(run.root, hf_export_path(run), force=True)
+            say(f"Hugging Face model: {exported.path} (AutoModelForCausalLM.from_pretrained, lm-eval, vLLM)")
     finally:
         if lock is not None:
             lock.release()
-    if finished.code != 0:
-        if finished.explained:  # the trainer's own line said what went wrong: nothing to add
-            raise ReportedError(f"torchrun exited with status {finished.code}", code=2)
-        raise UserError(f"training failed (torchrun exited with status {finished.code}); see the messages above")
-    if launch.export_hf and launch.takes_the_run_lock:
-        from engine.models.export import export_hf
-
-        # Here, in the launcher, not on the trainer ranks: no GPU memory, and one writer.
-        with run.lock(STAGE):
-            exported = export_hf(run.root, hf_export_path(run), force=True)
-        say(f"Hugging Face model: {exported.path} (AutoModelForCausalLM.from_pretrained, lm-eval, vLLM)")
 
 
 def hf_export_path(run: RunDir) -> Path:

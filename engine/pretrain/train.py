@@ -47,7 +47,7 @@ from engine.pretrain.parallel import ParallelModel, full_state_dict_options, par
 from engine.pretrain.schedule import CosineWithWarmup
 from engine.pretrain.throughput import flops_per_token, model_flops_utilisation, peak_flops
 from engine.run_dir import TRAINER_LOCK_FILE, RunDir, StageSession, config_to_dict
-from engine.runtime import Runtime, adamw_param_groups, start_runtime
+from engine.runtime import Runtime, adamw_param_groups, all_gather, barrier, start_runtime
 
 STAGE = "pretrain"
 TRAINER_LOCK_WAIT_S = 30.0
@@ -176,12 +176,7 @@ def save_checkpoint(training: Training, loop: LoopState, elapsed_s: float) -> Pa
     options = full_state_dict_options(cpu_offload=True)
     model_state = get_model_state_dict(training.model.module, options=options)
     optim_state = get_optimizer_state_dict(training.model.module, training.optimizer, options=options)
-    rng = ckpts.capture_rng_state()
-    rng_states = [None] * rt.world_size
-    if rt.in_group:
-        dist.all_gather_object(rng_states, rng)
-    else:
-        rng_states = [rng]
+    rng_states = all_gather(rt, ckpts.capture_rng_state())
     path = None
     if rt.is_main:
         path = ckpts.write_checkpoint(
@@ -196,8 +191,7 @@ def save_checkpoint(training: Training, loop: LoopState, elapsed_s: float) -> Pa
                   "seq_len": config.seq_len, "size": config.size, "tokens_seen": loop.tokens_seen},
             tokenizer_path=training.run.tokenizer_path, keep=config.keep,
         )
-    if rt.in_group:
-        dist.barrier()
+    barrier(rt)
     return path
 
 

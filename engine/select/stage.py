@@ -198,9 +198,10 @@ class Selection:
     # ---- the steps
 
     def reuse_score_files(self) -> None:
+        identity = self.scorer.describe()  # once: for dsir it hashes the whole log-ratio table
         for index in self.mine:
             cached = load_shard_scores(score_file(self.run_dir, self.labels[index]))
-            if cached is not None and cached.scorer == self.scorer.describe() and cached.label == self.labels[index]:
+            if cached is not None and cached.scorer == identity and cached.label == self.labels[index]:
                 self.totals[index] = ShardTotals(cached.n_lines, cached.docs, cached.token_total)
                 self.histogram += score_histogram(cached.scores)
         if self.totals and self.ranks.is_main:

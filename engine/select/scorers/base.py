@@ -105,11 +105,9 @@ class ModelScorer:
 
     @staticmethod
     def padding_id(tokenizer_path: Path) -> int:
-        from engine.data.tokenizer import PADDING, end_of_text_id, load_tokenizer
+        from engine.data.tokenizer import load_tokenizer, padding_id
 
-        tokenizer = load_tokenizer(tokenizer_path)
-        pad_id = tokenizer.token_to_id(PADDING)
-        return end_of_text_id(tokenizer) if pad_id is None else pad_id
+        return padding_id(load_tokenizer(tokenizer_path))
 
     def autocast(self):
         from engine.runtime import autocast

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import regex
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 from engine.run_dir import atomic_write_with
 
 try:  # CPython's own SHA-256 is ~1.5x faster than OpenSSL's on the short strings hashed here
@@ -361,10 +361,6 @@ class BucketCounts:
     documents: int
     features: int
 
-    def __add__(self, other: BucketCounts) -> BucketCounts:
-        """Counts of two disjoint streams (e.g. two ranks' shards) together."""
-        return BucketCounts(self.counts + other.counts, self.documents + other.documents,
-                            self.features + other.features)
 
 
 def count_hashed_ngrams(texts: Iterable[str], config: DsirConfig, *, feature_budget: int | None = None,
@@ -514,14 +510,14 @@ class DsirModel:
         try:
             archive = np.load(path, allow_pickle=False)  # never unpickle: model files come from users
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise UserError(f"{path}: not a DSIR model file ({_first_line(error)})") from None
+            raise UserError(f"{path}: not a DSIR model file ({first_line(error)})") from None
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise UserError(f"{path}: not a DSIR model file (a bare array, not an .npz archive)")
         with archive:
             try:
                 return cls._from_archive(archive)
             except (KeyError, ValueError, TypeError, zipfile.BadZipFile, OSError, EOFError) as error:
-                raise UserError(f"{path}: not a DSIR model file ({_first_line(error)})") from None
+                raise UserError(f"{path}: not a DSIR model file ({first_line(error)})") from None
 
     @classmethod
     def _from_archive(cls, archive: np.lib.npyio.NpzFile) -> DsirModel:
@@ -543,11 +539,6 @@ class DsirModel:
         if model.describe()["log_ratio_sha256"] != metadata.get("log_ratio_sha256"):
             raise ValueError("log_ratio does not match its recorded checksum")
         return model
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def fit_dsir(raw_texts: Iterable[str], target_texts: Iterable[str], config: DsirConfig | None = None) -> DsirModel:
