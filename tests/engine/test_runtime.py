@@ -87,7 +87,7 @@ import resource, sys
 import torch
 from engine.runtime import reuse_freed_memory
 took = reuse_freed_memory() if sys.argv[1] == "reuse" else None
-for _ in range(3):  # warm up: the first rounds grow the heap once
+for _ in range(10):  # warm up: the first rounds grow the heap (and any arena) once
     torch.ones(16, 1024, 1024).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
