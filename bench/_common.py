@@ -1,10 +1,15 @@
-"""What every benchmark shares: where the corpus is, and how results are recorded."""
+"""What every benchmark shares: where the corpus is, how a ``blissctl`` command is run and timed as
+users run it, kept sets, and how results are recorded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,3 +42,44 @@ def record(name: str, figures: dict) -> Path:
     print(json.dumps(figures, indent=2))
     print(f"recorded in {path.relative_to(ROOT)}")
     return path
+
+
+def run_blissctl(args: list[str], *, log: Path | None = None, threads: int | None = None) -> dict:
+    """``python -m blissctl ARGS`` as users run it (``run_command``)."""
+    return run_command([sys.executable, "-m", "blissctl", *args], log=log, threads=threads)
+
+
+def run_command(argv: list[str], *, log: Path | None = None, threads: int | None = None) -> dict:
+    """``argv`` to completion; its output appended to ``log`` (or returned as ``output``). Wall seconds,
+    and the user and system seconds of it and its children (``wait4``: this command's own, even with
+    other commands running). ``threads`` sets ``OMP_NUM_THREADS``. Exits on failure."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    started = time.perf_counter()
+    with open(log, "ab") if log is not None else open(os.devnull, "wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink if log is not None else subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        output = proc.stdout.read().decode(errors="replace") if proc.stdout is not None else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {shlex.join(argv)}" + (f"; see {log}" if log else f"\n{output}"))
+    return {"wall_s": round(time.perf_counter() - started, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "user_s": round(usage.ru_utime, 2), "sys_s": round(usage.ru_stime, 2), "command": shlex.join(argv),
+            "output": output}
+
+
+def kept_lines(run: Path) -> set[str]:
+    """The kept documents of a select run, by the hash of their line (lines are copied byte for byte)."""
+    from engine.data.sources import iter_raw_lines
+
+    return {hashlib.sha1(line).hexdigest() for path in sorted((run / "selected").glob("*.jsonl.zst"))
+            for line in iter_raw_lines(path) if line}
+
+
+def overlap(kept: set, reference: set) -> tuple[float, float]:
+    """(share of ``reference`` that ``kept`` holds, Jaccard)."""
+    both = len(kept & reference)
+    return round(both / max(len(reference), 1), 4), round(both / max(len(kept | reference), 1), 4)

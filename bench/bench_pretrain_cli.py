@@ -5,8 +5,8 @@ The command is the one from issue 11 (default thread choice, one process on the 
     blissctl pretrain --data DATA --size tiny --seq-len 128 --micro-batch 16 --global-batch-tokens 2048
                       --steps STEPS --nproc-per-node 1 --device cpu
 
-run as a subprocess (launcher, data preparation, torchrun, the trainer). Its tokens/s is the mean of
-the logged rates after the first quarter of the steps. The reference is a bare loop in a fresh process
+run as a subprocess (launcher, data preparation, torchrun, the trainer). Its tokens/s is Δ tokens ÷
+Δ time over the logged steps after the first quarter. The reference is a bare loop in a fresh process
 with one torch thread on the same model and batch shape (random tokens of the same vocabulary:
 forward, cross-entropy, backward, AdamW). Both are measured with the machine idle (as far as this
 shared machine allows) and with one other process spinning on a core, in one run:
@@ -24,10 +24,7 @@ under ``pretrain_cli.<condition>.<variant>_tokens_per_s`` and the ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import run_blissctl  # noqa: E402
+
+from engine.eval.compare import read_events  # noqa: E402
 
 BARE_LOOP = """
 import sys, time
@@ -51,7 +52,7 @@ reuse_freed_memory()  # as the trainer does: the comparison is of threads, not o
 torch.manual_seed(0)
 config = with_max_seq_len(model_preset(size), seq_len)
 model = build_causal_lm(config, vocab, seed=0)
-opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95))  # the trainer's betas
 times = []
 for step in range(steps):
     ids = torch.randint(2, vocab, (micro, seq_len + 1))
@@ -59,6 +60,7 @@ for step in range(steps):
     logits = model(input_ids=ids[:, :-1], use_cache=False).logits  # the trainer's forward and loss
     loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the trainer clips too
     opt.step()
     opt.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - start)
@@ -78,26 +80,21 @@ def vocab_of(data: Path) -> int:
 
 
 def cli_rate(args, runs: Path, name: str, extra: list[str]) -> dict:
-    argv = [sys.executable, "-m", "blissctl", "pretrain", "--data", str(args.data), "--size", args.size,
-            "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--global-batch-tokens",
-            str(args.seq_len * args.micro_batch), "--steps", str(args.steps), "--nproc-per-node", "1",
-            "--device", "cpu", "--log-every", "5", "--save-every", str(args.steps), "--no-tensorboard",
-            "--runs-dir", str(runs), "--run", name, *extra]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if out.returncode != 0:
-        raise SystemExit(f"pretrain failed:\n{out.stdout}\n{out.stderr}")
-    events = [json.loads(line) for line in (runs / name / "events.jsonl").read_text().splitlines()]
-    steps = [e for e in events if e.get("kind") == "step" and "tokens_per_s" in e]
-    steady = [e["tokens_per_s"] for e in steps if e["step"] > args.steps // 4] or [steps[-1]["tokens_per_s"]]
+    """The command with default flags (``extra`` aside); tokens/s over the steps after the first quarter,
+    as Δ tokens_seen ÷ Δ time of the logged steps (the bare loop's rate is total tokens ÷ total time too)."""
+    cost = run_blissctl(["pretrain", "--data", str(args.data), "--size", args.size, "--seq-len", str(args.seq_len),
+                         "--micro-batch", str(args.micro_batch), "--global-batch-tokens",
+                         str(args.seq_len * args.micro_batch), "--steps", str(args.steps), "--nproc-per-node", "1",
+                         "--device", "cpu", "--log-every", "5", "--runs-dir", str(runs), "--run", name, *extra])
+    events = read_events(runs / name, "pretrain")
+    steps = [e for e in events if e.get("kind") == "step" and "tokens_seen" in e]
+    first = next(e for e in steps if e["step"] > args.steps // 4)
+    last = steps[-1]
     start = next(e for e in events if e.get("kind") == "start")
-    plan = next((line for line in out.stdout.splitlines() if line.startswith("torch threads")), "")
-    return {"tokens_per_s": round(statistics.mean(steady), 1), "threads": start.get("threads"), "plan": plan,
-            "wall_s": round(wall, 1), "user_s": round(after.ru_utime - before.ru_utime, 1),
-            "sys_s": round(after.ru_stime - before.ru_stime, 1)}
+    plan = next((line for line in cost["output"].splitlines() if line.startswith("torch threads")), "")
+    return {"tokens_per_s": round((last["tokens_seen"] - first["tokens_seen"]) / (last["ts"] - first["ts"]), 1),
+            "threads": start.get("threads"), "plan": plan, "wall_s": cost["wall_s"], "user_s": cost["user_s"],
+            "sys_s": cost["sys_s"]}
 
 
 def bare_rate(args, vocab: int) -> float:

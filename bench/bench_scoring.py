@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,25 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import POOL, record  # noqa: E402
+from _common import POOL, record, run_blissctl  # noqa: E402
 
 
 def select_rate(argv: list[str], runs: Path, run: str) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "blissctl", "select", *argv, "--runs-dir", str(runs), "--run", run],
-                         capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if out.returncode != 0:
-        raise SystemExit(f"select failed:\n{out.stdout}\n{out.stderr}")
+    cost = run_blissctl(["select", *argv, "--runs-dir", str(runs), "--run", run])
     manifest = json.loads((runs / run / "selected" / "manifest.json").read_text())
     seen = manifest["documents"]["seen"]
-    plan = next((line.strip() for line in out.stdout.splitlines() if "torch threads" in line), None)
-    return {"docs_per_s": round(seen / wall, 1), "wall_s": round(wall, 2), "docs": seen,
-            "kept": manifest["documents"]["kept"], "cpu_s": round(after.ru_utime + after.ru_stime
-                                                                   - before.ru_utime - before.ru_stime, 1),
-            "plan": plan}
+    plan = next((line.strip() for line in cost["output"].splitlines() if "torch threads" in line), None)
+    return {"docs_per_s": round(seen / cost["wall_s"], 1), "wall_s": cost["wall_s"], "docs": seen,
+            "kept": manifest["documents"]["kept"], "cpu_s": cost["cpu_s"], "plan": plan}
 
 
 def kept_set(scores, share: float) -> set[int]:
@@ -72,7 +61,7 @@ def main() -> None:
     parser.add_argument("--target", type=Path, default=None, help="DSIR's target (default: the scorer run's --val)")
     parser.add_argument("--budget", default="30%", help="a share of the documents")
     parser.add_argument("--chunks", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--dsir-procs", type=int, default=None, help="DSIR's processes (default: the cores)")
     args = parser.parse_args()
 
     import numpy as np
@@ -81,7 +70,7 @@ def main() -> None:
 
     from engine.data.sources import read_texts
     from engine.data.tokenizer import load_tokenizer
-    from engine.runtime import thread_plan
+    from engine.runtime import available_cores, thread_plan
     from engine.select.scorers.base import ShardBatch
     from engine.select.scorers.bliss import BlissScorer
 
@@ -94,7 +83,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
         (runs / args.scorer_run).symlink_to((args.runs_dir / args.scorer_run).resolve())
-        common = ["--input", str(args.shard), "--budget", args.budget, "--unit", "docs", "--workers", str(args.workers)]
+        common = ["--input", str(args.shard), "--budget", args.budget, "--unit", "docs"]  # select's default workers
+        bliss_argv = [*common, "--scorer", "bliss", "--scorer-run", args.scorer_run, "--chunks", str(args.chunks)]
+        select_rate(bliss_argv, runs, "warm-up")  # unrecorded: the page cache and the first imports
         figures["select_bliss"] = select_rate(
             [*common, "--scorer", "bliss", "--scorer-run", args.scorer_run, "--chunks", str(args.chunks)], runs, "bliss")
         print("select --scorer bliss:", figures["select_bliss"], flush=True)
@@ -107,8 +98,8 @@ def main() -> None:
              "--tokenizer", str(args.runs_dir / args.scorer_run / "tokenizer.json")], runs, "dsir")
         print("select --scorer dsir:", figures["select_dsir_ours"], flush=True)
         docs = figures["select_bliss"]["docs"]
-        figures["dsir_reference"] = run_dsir([str(args.shard)], int(round(docs * share)), args.workers + 1,
-                                             target=str(target))
+        figures["dsir_reference"] = run_dsir([str(args.shard)], int(round(docs * share)),
+                                             args.dsir_procs or available_cores(), target=str(target))
         print("DSIR (data-selection):", figures["dsir_reference"], flush=True)
     if "docs_per_s" in figures["dsir_reference"]:
         figures["bliss_over_dsir_ratio"] = round(
@@ -126,22 +117,24 @@ def main() -> None:
     plan_threads = thread_plan().threads
     fp32_model = scorer.model
 
-    def timed(name: str, model, threads: int, autocast_dtype=None) -> dict:
+    def timed(model, threads: int, autocast_dtype=None) -> dict:
         torch.set_num_threads(threads)
         scorer.model = model
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            scorer.score(batches[0])  # warm-up, untimed: the first variant measured would pay it alone
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
             scores = np.concatenate([scorer.score(b) for b in batches])
         elapsed = time.perf_counter() - start
         return {"docs_per_s": round(len(tokens) / elapsed, 1), "threads": threads, "scores": scores}
 
-    variants = {"fp32": timed("fp32", fp32_model, plan_threads)}
-    variants["fp32_1_thread"] = timed("fp32_1_thread", fp32_model, 1)
-    variants["bf16_autocast"] = timed("bf16_autocast", fp32_model, plan_threads, torch.bfloat16)
+    variants = {"fp32": timed(fp32_model, plan_threads)}
+    variants["fp32_1_thread"] = timed(fp32_model, 1)
+    variants["bf16_autocast"] = timed(fp32_model, plan_threads, torch.bfloat16)
     quantised = copy.deepcopy(fp32_model)  # the backbone's Linear layers; the one-output head stays fp32
     quantised.backbone = torch.ao.quantization.quantize_dynamic(quantised.backbone, {torch.nn.Linear},
                                                                 dtype=torch.qint8)
-    variants["int8_dynamic"] = timed("int8_dynamic", quantised, plan_threads)
+    variants["int8_dynamic"] = timed(quantised, plan_threads)
     reference = kept_set(variants["fp32"]["scores"], share)
     figures["variants"] = {}
     for name, row in variants.items():

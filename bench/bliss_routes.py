@@ -1,13 +1,15 @@
 """Do the fast hypergradient routes select as well? Score models trained by each route, compared with
-the demo's own (``--hypergrad graph``, exact z-solve) by what they select and what that trains.
+the exact route's (``--hypergrad graph --z-hvp exact``, run here as the reference) by what they select
+and what that trains.
 
 On the demo's setting (the embedded sample, its 300 narrative passages, a tiny proxy, 100 warm-up
-steps; ``blissctl demo`` must have run into ``--baseline`` first): for each variant, ``train-scorer``
-with the variant's flags → ``select --scorer bliss --chunks 4`` 30% of the tokens → ``pretrain`` the
-demo's tiny model on it → ``eval``. Reported per variant: train-scorer CPU seconds, the kept set's
-overlap with the demo's BLISS selection (share of its documents, and Jaccard), validation loss and the
-speed-up over the demo's random arm. The demo's passages both steer and measure here (as in the demo);
-this is a check that the fast routes keep the selection, not a quality benchmark (bench/quality.py is).
+steps; the random arm comes from a finished ``blissctl demo`` in ``--baseline``): for each variant,
+``train-scorer`` with the variant's flags → ``select --scorer bliss --chunks 4`` 30% of the tokens →
+``pretrain`` the demo's tiny model on it → ``eval``, every stage with the demo's pinned thread count.
+Reported per variant: stage costs, the kept set's overlap with the exact route's (share of its
+documents, and Jaccard), validation loss and the speed-up over the demo's random arm. The demo's
+passages both steer and measure here (as in the demo); this is a check that the fast routes keep the
+selection, not a quality benchmark (bench/quality.py is).
 
     .venv/bin/python bench/bliss_routes.py --baseline runs          # after `blissctl demo --runs-dir runs`
 """
@@ -15,64 +17,48 @@ this is a check that the fast routes keep the selection, not a quality benchmark
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import zstandard
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import record  # noqa: E402
+from _common import kept_lines, overlap, record, run_blissctl  # noqa: E402
 
 from engine.data.sample import sample_pool_glob, sample_val_path  # noqa: E402
-from engine.eval.compare import last_eval, pretrain_curve, speedup, stage_done  # noqa: E402
-from engine.experiment import DemoSettings, eval_argv, pretrain_argv, select_argv, train_scorer_argv  # noqa: E402
+from engine.eval.compare import last_eval, pretrain_curve, read_events, speedup, stage_done  # noqa: E402
+from engine.experiment import (  # noqa: E402
+    DemoSettings,
+    eval_argv,
+    pinned_threads,
+    pretrain_argv,
+    select_argv,
+    train_scorer_argv,
+)
 
+REFERENCE = "graph-z3"
 VARIANTS = {
+    REFERENCE: "--hypergrad graph --z-hvp exact --z-steps 3",
     "fd-z3": "--hypergrad fd --z-hvp fd --z-steps 3",
     "fd-z1": "--hypergrad fd --z-hvp fd --z-steps 1",
     "fd-z1-60": "--hypergrad fd --z-hvp fd --z-steps 1 --steps 60",
 }
 
 
-def kept_lines(run: Path) -> set[str]:
-    """The kept documents of a selection, by the hash of their line (lines are copied byte for byte)."""
-    out = set()
-    for path in sorted((run / "selected").glob("*.jsonl.zst")):
-        data = zstandard.ZstdDecompressor().stream_reader(path.open("rb")).read()
-        out.update(hashlib.sha1(line).hexdigest() for line in data.splitlines() if line)
-    return out
-
-
 def scorer_timing(run: Path) -> dict:
     """train-scorer's own wall time (its done event) and its bilevel rate (outer steps/s, last step event)."""
-    import orjson
-
-    events = [orjson.loads(line) for line in (run / "events.jsonl").read_bytes().splitlines() if line.strip()]
-    done = [e for e in events if e.get("stage") == "train-scorer" and e.get("kind") == "done"]
-    steps = [e for e in events if e.get("stage") == "train-scorer" and e.get("kind") == "step"]
+    events = read_events(run, "train-scorer")
+    done = [e for e in events if e.get("kind") == "done"]
+    steps = [e for e in events if e.get("kind") == "step"]
     return {"train_scorer_elapsed_s": done[-1]["elapsed_s"] if done else None,
             "outer_steps_per_s": steps[-1]["steps_per_s"] if steps else None,
             "z_cos_v_last": steps[-1].get("z_cos_v") if steps else None}
 
 
 def run_stage(argv: list[str], log: Path) -> dict:
-    started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(log, "ab") as out:
-        code = subprocess.call([sys.executable, "-m", "blissctl", *argv], stdout=out, stderr=subprocess.STDOUT,
-                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if code != 0:
-        raise SystemExit(f"failed ({code}): blissctl {' '.join(argv)}; see {log}")
-    return {"wall_s": round(time.perf_counter() - started, 1),
-            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)}
+    cost = run_blissctl(argv, log=log)
+    return {"wall_s": cost["wall_s"], "cpu_s": cost["cpu_s"]}
 
 
 def main() -> None:
@@ -84,15 +70,10 @@ def main() -> None:
     demo = DemoSettings(train=sample_pool_glob(), val=str(sample_val_path()))
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    baseline_kept = kept_lines(args.baseline / demo.run("bliss"))
     random_curve = pretrain_curve(args.baseline / demo.run("random-lm"))
-    baseline_curve = pretrain_curve(args.baseline / demo.run("bliss-lm"))
-    results = {"graph-z3 (the demo)": {
-        "val_loss": (last_eval(args.baseline / demo.run("bliss-lm")) or {}).get("loss_val"),
-        "speedup_vs_random": speedup(random_curve, baseline_curve), "overlap_with_demo": 1.0, "jaccard_with_demo": 1.0,
-        **scorer_timing(args.baseline / demo.run("scorer")),
-    }}
-    for name in args.variants.split(","):
+    names = [REFERENCE] + [n for n in args.variants.split(",") if n != REFERENCE]  # the reference first
+    results, reference_kept = {}, None
+    for name in names:
         flags = VARIANTS[name].split()
         steps = demo.scorer_steps
         if "--steps" in flags:
@@ -105,27 +86,28 @@ def main() -> None:
             costs["train_scorer"] = run_stage(train_scorer_argv(
                 train=demo.train, val=demo.val, run=scorer.name, runs_dir=work, proxy=demo.proxy, steps=steps,
                 warmup_steps=demo.scorer_warmup_steps, seq_len=demo.scorer_seq_len, batch_size=demo.scorer_batch_size,
-                seed=demo.seed, extra=tuple(flags)), log)
+                seed=demo.seed, extra=(*flags, *pinned_threads())), log)
         if not (work / name / "selected" / "manifest.json").exists():
             costs["select"] = run_stage(select_argv(
                 arm="bliss", train=demo.train, val=demo.val, budget=demo.budget, run=name, runs_dir=work,
                 scorer_run=scorer, seq_len=demo.scorer_seq_len, seed=demo.seed, chunks=demo.chunks,
-                exact_token_counts=True), log)
+                exact_token_counts=True, extra=pinned_threads()), log)
         lm = work / f"{name}-lm"
         if not stage_done(lm, "pretrain"):
             costs["pretrain"] = run_stage(pretrain_argv(
                 data=work / name / "selected", run=lm.name, runs_dir=work, size=demo.size, val=demo.val,
                 seq_len=demo.seq_len, batch_tokens=demo.batch_tokens, steps=demo.steps, eval_every=demo.eval_every,
-                seed=demo.seed), log)
+                seed=demo.seed, extra=pinned_threads()), log)
         if last_eval(lm) is None:
             run_stage(eval_argv(checkpoint=lm, val=demo.val), log)
         kept = kept_lines(work / name)
+        reference_kept = kept if reference_kept is None else reference_kept
+        share, jaccard = overlap(kept, reference_kept)
         results[name] = {
             "flags": VARIANTS[name], "outer_steps": steps, "costs": costs, **scorer_timing(scorer),
             "val_loss": last_eval(lm)["loss_val"],
             "speedup_vs_random": speedup(random_curve, pretrain_curve(lm)),
-            "overlap_with_demo": round(len(kept & baseline_kept) / max(len(baseline_kept), 1), 4),
-            "jaccard_with_demo": round(len(kept & baseline_kept) / max(len(kept | baseline_kept), 1), 4),
+            f"overlap_with_{REFERENCE}": share, f"jaccard_with_{REFERENCE}": jaccard,
         }
         print(name, results[name], flush=True)
     record("bliss_routes", {"baseline": str(args.baseline), "variants": results})

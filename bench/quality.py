@@ -24,12 +24,8 @@ Results: bench/results/quality.json, bench/results/quality.png, bench/README_qua
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import shlex
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import POOL, RESULTS, VAL, record  # noqa: E402
+from _common import POOL, RESULTS, VAL, record, run_command  # noqa: E402
 
 from engine.data.sample import BOOK_SOURCES  # noqa: E402
 from engine.eval.compare import (  # noqa: E402
@@ -71,27 +67,11 @@ def last_tasks(run: Path) -> dict | None:
     return found[-1] if found else None
 
 
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_logged(argv: list[str], log: Path, threads: int | None) -> dict:
-    """Run ``argv`` to completion with its output in ``log``; wall and CPU seconds of it and its children."""
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    """Run ``argv`` with its output in ``log``; wall and CPU seconds of it and its children."""
     print("$ " + shlex.join(argv), flush=True)
-    started = time.perf_counter()
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, even with others running
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"failed ({code}): {shlex.join(argv)}; see {log}")
-    return {"wall_s": round(time.perf_counter() - started, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "command": shlex.join(argv)}
+    cost = run_command(argv, log=log, threads=threads)
+    return {"wall_s": cost["wall_s"], "cpu_s": cost["cpu_s"], "command": cost["command"]}
 
 
 def blissctl(*args: str) -> list[str]:
