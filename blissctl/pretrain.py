@@ -5,6 +5,9 @@ Tokenises --data once into packed sequences in the run directory, freezes the co
 every --save-every steps; --resume continues exactly where the last one left off.
 
 Example: blissctl pretrain --data runs/c4-bliss/selected --size 410m --nproc-per-node 8 --run pythia-410m
+
+Example (continue a model on a new subset at a constant rate, with a decayed evaluation branch):
+blissctl pretrain --init-from runs/round0-lm --data runs/round1-select/selected --lr-schedule constant --lr 5e-4 --warmup 0 --steps 2000 --decay-steps 200 --run round1-lm
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ def pretrain_command(
     steps: Annotated[int | None, Opt("--steps", help="Optimiser steps. Default: one epoch of --data.")] = None,
     tokens: Annotated[int | None, Opt("--tokens", help="Training tokens instead of --steps.")] = None,
     warmup: Annotated[float | None, Opt("--warmup", help="Warm-up fraction of the steps. Default: 0.01.")] = None,
+    lr_schedule: Annotated[str | None, Opt("--lr-schedule", help="cosine (Pythia: to 10% of the peak), constant, or wsd (warm-up, stable, decay over the last 20%). Default: cosine.")] = None,  # noqa: E501
+    decay_steps: Annotated[int | None, Opt("--decay-steps", help="After the last step, N more steps at a linearly falling rate on a side branch (RUNS_DIR/RUN/decayed), evaluated there; the main line stays undecayed. Default: 0.")] = None,  # noqa: E501
+    init_from: Annotated[str | None, Opt("--init-from", metavar="CKPT|RUN", help="Start from this pretrain checkpoint (or run's latest): its weights and AdamW state; --size, --seq-len and the tokenizer follow it.")] = None,  # noqa: E501
+    reset_optimizer: Annotated[bool | None, Opt("--reset-optimizer", help="With --init-from: fresh AdamW moments instead of the checkpoint's.")] = None,  # noqa: E501
     seed: Annotated[int | None, Opt("--seed", help="Seed of the initialisation and data order. Default: 0.")] = None,
     save_every: Annotated[int | None, Opt("--save-every", help="Checkpoint every N steps. Default: 1000.")] = None,
     keep: Annotated[int | None, Opt("--keep", help="Checkpoints kept. Default: 3.")] = None,
@@ -65,6 +72,8 @@ def pretrain_command(
         "data": tuple(data) if data else None, "size": size, "val": val, "tokenizer": tokenizer,
         "seq_len": seq_len, "lr": lr, "global_batch_tokens": global_batch_tokens, "micro_batch": micro_batch,
         "steps": steps, "tokens": tokens, "warmup_frac": warmup, "seed": seed, "save_every": save_every,
+        "lr_schedule": lr_schedule, "decay_steps": decay_steps, "init_from": init_from,
+        "reset_optimizer": reset_optimizer,
         "keep": keep, "eval_every": eval_every, "eval_tokens": eval_tokens, "log_every": log_every,
         "fsdp": fsdp, "compile": compile_model, "device": device, "tensorboard": tensorboard, "threads": threads,
     }

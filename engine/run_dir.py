@@ -323,7 +323,7 @@ RUN_OUTPUTS = (
     "config.json", "events.jsonl", "tokenizer.json", "pretrain_config.json", LOCK_FILE, TRAINER_LOCK_FILE,
     "dsir-model.npz", "dsir-model.json",
     "scores/*.scores.npz", "selected/*.jsonl.zst", "selected/manifest.json", "report/*.md", "report/*.json",
-    "checkpoints/**", "data/**", "tensorboard/**", "hf/**",
+    "checkpoints/**", "data/**", "tensorboard/**", "hf/**", "decayed/**",
 )
 
 
@@ -353,6 +353,12 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def decayed(self) -> Path:
+        """``pretrain --decay-steps``'s evaluation branch: a checkpoint folder of its own (its
+        ``checkpoints/``), so that ``eval --checkpoint runs/<name>/decayed`` finds it."""
+        return self.root / "decayed"
 
     @property
     def scores(self) -> Path:
@@ -490,7 +496,7 @@ class RunDir:
         """Remove everything any stage writes in this run (``demo --force``), then the run folder if it
         is left empty."""
         removed = self.discard(RUN_OUTPUTS)
-        for folder in ("checkpoints", "data", "scores", "selected", "report", "tensorboard", "hf"):
+        for folder in ("checkpoints", "data", "scores", "selected", "report", "tensorboard", "hf", "decayed"):
             path = self.root / folder
             if path.is_dir() and not path.is_symlink():
                 # Empty folders a stage made (e.g. data/parts/...): remove bottom-up, stop at anything left.

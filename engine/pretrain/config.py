@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from engine.errors import UserError
 from engine.models.presets import PRESETS, ModelConfig, model_preset, with_max_seq_len
+from engine.pretrain.schedule import SCHEDULES
 from engine.run_dir import check_config_integers
 
 
@@ -36,6 +37,16 @@ class PretrainConfig:
     """Cosine decay ends at this fraction of the peak (Pythia: 10%)."""
     warmup_frac: float = 0.01
     """Fraction of the steps spent in linear warm-up (``--warmup``; Pythia: 1%)."""
+    lr_schedule: str = "cosine"
+    """``--lr-schedule``: ``cosine`` (Pythia), ``constant`` or ``wsd`` (``engine.pretrain.schedule``)."""
+    decay_steps: int = 0
+    """``--decay-steps``: after the last step, this many more steps of a linearly decaying rate on a
+    side branch (``runs/<name>/decayed/``), evaluated there; the main line is left as it ended. 0: none."""
+    init_from: str | None = None
+    """``--init-from``: a pretrain checkpoint (or run) whose weights this run starts from, and whose AdamW
+    state too unless ``reset_optimizer``: a model continued on new ``--data``."""
+    reset_optimizer: bool = False
+    """``--reset-optimizer``: with ``--init-from``, start AdamW's moments afresh."""
     weight_decay: float = 0.01
     """AdamW weight decay on matrices (not on biases and norms); Pythia: 0.01."""
     beta1: float = 0.9
@@ -103,6 +114,12 @@ class PretrainConfig:
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.warmup_frac < 1:
             raise UserError(f"--warmup must be a fraction in [0, 1), got {self.warmup_frac}")
+        if self.lr_schedule not in SCHEDULES:
+            raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.decay_steps < 0:
+            raise UserError(f"--decay-steps must be 0 or more, got {self.decay_steps}")
+        if self.reset_optimizer and not self.init_from:
+            raise UserError("--reset-optimizer only means something with --init-from")
         if self.device not in ("auto", "cuda", "cpu"):
             raise UserError(f"--device must be auto, cuda or cpu, got {self.device!r}")
         if self.global_batch_tokens % self.seq_len:

@@ -37,7 +37,8 @@ CONFIG_NAME = "pretrain_config.json"
 WORKER_MODULE = "engine.pretrain.worker"
 
 FROZEN_ON_RESUME = ("size", "seq_len", "lr", "global_batch_tokens", "seed", "data", "tokenizer",
-                    "warmup_frac", "weight_decay", "min_lr_ratio")
+                    "warmup_frac", "weight_decay", "min_lr_ratio", "lr_schedule", "decay_steps", "init_from",
+                    "reset_optimizer")
 """Settings a resumed run must keep: changing them would make it a different run."""
 
 
@@ -89,6 +90,8 @@ def resolve_config(flags: dict[str, Any], run: RunDir, *, resume: bool, notes: l
     else:
         if not given.get("data"):
             raise UserError("--data is required: a select output (runs/NAME/selected) or JSONL shards")
+        if given.get("init_from"):
+            given.update(init_from_defaults(given))
         size = given.get("size", "160m")
         from engine.models.presets import model_preset
 
@@ -112,6 +115,27 @@ def resolve_config(flags: dict[str, Any], run: RunDir, *, resume: bool, notes: l
     if config.val:
         discover_shards(config.val)
     return config
+
+
+def init_from_defaults(given: dict[str, Any]) -> dict[str, Any]:
+    """What ``--init-from`` fixes: the checkpoint folder it resolves to (frozen, so a resume starts from
+    the same weights), and the model size and sequence length it was trained with unless typed; a typed
+    ``--size`` that differs is refused in one line (the weights could not fit)."""
+    from engine.models.checkpoints import model_config_from_meta, read_meta, resolve_checkpoint
+    from engine.models.presets import model_preset
+
+    checkpoint = resolve_checkpoint(given["init_from"])
+    meta = read_meta(checkpoint)
+    size = meta.get("size")
+    if not isinstance(size, str):
+        raise UserError(f"--init-from {given['init_from']}: its checkpoint does not say which --size it is")
+    if "size" in given and model_preset(given["size"]).name != size:
+        raise UserError(f"--size {given['size']} differs from the --init-from model ({size}, {checkpoint}); "
+                        "drop --size or start from a model of that size")
+    if dataclasses.replace(model_config_from_meta(meta), max_seq_len=0) != dataclasses.replace(
+            model_preset(size), max_seq_len=0):
+        raise UserError(f"--init-from {checkpoint}: its model is not the {size} preset of this blissctl version")
+    return {"init_from": str(checkpoint.resolve()), "size": size, "seq_len": given.get("seq_len", meta["seq_len"])}
 
 
 def _normalise(value: Any) -> Any:
@@ -144,6 +168,8 @@ def resolve_run_tokenizer(config: PretrainConfig, run: RunDir) -> Path:
     from engine.data.tokenizer import resolve_tokenizer, training_sample
 
     spec = config.tokenizer or selected_folder_tokenizer(config.data)
+    if config.init_from:
+        spec = init_from_tokenizer(Path(config.init_from), spec)
     if spec is None and run.tokenizer_path.exists():
         return run.tokenizer_path
     texts = None
@@ -151,6 +177,19 @@ def resolve_run_tokenizer(config: PretrainConfig, run: RunDir) -> Path:
         texts = training_sample(discover_shards(list(config.data)))
     resolve_tokenizer(spec, run.tokenizer_path, texts)
     return run.tokenizer_path
+
+
+def init_from_tokenizer(checkpoint: Path, wanted: str | Path | None) -> Path:
+    """The tokenizer an ``--init-from`` model was trained with; one line if the data's (or
+    ``--tokenizer``'s) is another, since its token ids would mean other words to the model."""
+    from engine.data.tokenizer import load_tokenizer
+    from engine.models.checkpoints import checkpoint_tokenizer_path
+
+    own = checkpoint_tokenizer_path(checkpoint)
+    if wanted is not None and load_tokenizer(wanted).to_str() != load_tokenizer(own).to_str():
+        raise UserError(f"the tokenizer of --data/--tokenizer ({wanted}) is not the one the --init-from model was "
+                        f"trained with ({own}); select the data with that model's tokenizer")
+    return own
 
 
 def prepare_data(config: PretrainConfig, run: RunDir, *, workers: int | None = None, progress=None):
@@ -392,7 +431,11 @@ def describe(config: PretrainConfig) -> str:
              else f"{config.tokens:,} tokens" if config.tokens is not None else "one epoch of --data")
     return (f"model {config.size} · {'FSDP' if config.fsdp else 'DDP'} · {config.world_size} process(es) · "
             f"seq {config.seq_len} · {config.global_batch_tokens:,} tokens/step "
-            f"(micro-batch {config.micro_batch} × {config.grad_accum} accumulation) · lr {config.lr:g} · steps {steps}")
+            f"(micro-batch {config.micro_batch} × {config.grad_accum} accumulation) · lr {config.lr:g} "
+            f"{config.lr_schedule} · steps {steps}"
+            + (f" + {config.decay_steps} decay-branch steps" if config.decay_steps else "")
+            + (f" · from {config.init_from}" + (" (fresh AdamW)" if config.reset_optimizer else "")
+               if config.init_from else ""))
 
 
 def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, say: Callable[[str], None]) -> None:

@@ -44,7 +44,7 @@ from engine.models.families import build_causal_lm, count_parameters
 from engine.pretrain.config import PretrainConfig
 from engine.pretrain.order import SequenceOrder, micro_batch_start
 from engine.pretrain.parallel import ParallelModel, full_state_dict_options, parallelise, transformer_blocks
-from engine.pretrain.schedule import CosineWithWarmup
+from engine.pretrain.schedule import Schedule, decay_branch_multiplier
 from engine.pretrain.throughput import flops_per_token, model_flops_utilisation, peak_flops
 from engine.run_dir import TRAINER_LOCK_FILE, RunDir, StageSession, config_to_dict
 from engine.runtime import Runtime, adamw_param_groups, all_gather, barrier, start_runtime
@@ -72,8 +72,16 @@ class LoopState:
 
     step: int = 0
     tokens_seen: int = 0
+    """Tokens this run has trained on."""
     elapsed_s: float = 0.0
     """Training time before this launch."""
+    tokens_before: int = 0
+    """Tokens the ``--init-from`` model had trained on before this run: curves of a model continued over
+    several runs (BLISS's rounds) join up against the tokens it has seen in all."""
+
+    @property
+    def model_tokens(self) -> int:
+        return self.tokens_before + self.tokens_seen
 
 
 @dataclass
@@ -87,15 +95,22 @@ class Training:
     val_data: PackedData | None
     model: ParallelModel
     optimizer: torch.optim.Optimizer
-    schedule: CosineWithWarmup
+    schedule: Schedule
     order: SequenceOrder
     vocab_size: int
     n_params: int
     flops_token: float
 
     def set_learning_rate(self, step: int) -> float:
-        """The schedule's rate for optimiser step ``step`` (0-based), set on every parameter group."""
-        lr = self.config.lr * self.schedule(step)
+        """The schedule's rate for optimiser step ``step`` (0-based), set on every parameter group; steps
+        past the last one are the ``--decay-steps`` branch's."""
+        config = self.config
+        if step < config.steps:
+            lr = config.lr * self.schedule(step)
+        else:
+            lr = config.lr * decay_branch_multiplier(step - config.steps, decay_steps=config.decay_steps,
+                                                     start=self.schedule(config.steps - 1),
+                                                     min_ratio=config.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -147,7 +162,7 @@ def build_training(config: PretrainConfig, rt: Runtime, run: RunDir) -> Training
     )
     return Training(
         config=config, runtime=rt, run=run, train_data=train_data, val_data=val_data, model=parallel,
-        optimizer=optimizer, schedule=CosineWithWarmup(config.steps, config.warmup_frac, config.min_lr_ratio),
+        optimizer=optimizer, schedule=Schedule(config.steps, config.warmup_frac, config.min_lr_ratio, config.lr_schedule),
         order=SequenceOrder(train_data.n_sequences(config.seq_len), config.seed), vocab_size=vocab_size,
         n_params=n_params, flops_token=flops_token,
     )
@@ -167,11 +182,34 @@ def restore(training: Training, checkpoint: Path) -> LoopState:
                         f"({str(error).splitlines()[0]})") from None
     if training.runtime.rank < len(rng_states):
         ckpts.restore_rng_state(rng_states[training.runtime.rank])
-    return LoopState(step=state["step"], tokens_seen=state["tokens_seen"], elapsed_s=state["elapsed_s"])
+    return LoopState(step=state["step"], tokens_seen=state["tokens_seen"], elapsed_s=state["elapsed_s"],
+                     tokens_before=int(state.get("tokens_before", 0)))
 
 
-def save_checkpoint(training: Training, loop: LoopState, elapsed_s: float) -> Path | None:
-    """A full (unsharded) checkpoint written by rank 0; every rank takes part in gathering it."""
+def start_from(training: Training, checkpoint: Path) -> LoopState:
+    """``--init-from``: the weights of another run's checkpoint, and its AdamW state unless
+    ``--reset-optimizer``; this run's own schedule, data order and RNG start afresh at step 0."""
+    meta = ckpts.read_meta(checkpoint)
+    model_state, optim_state, _ = ckpts.load_training_states(checkpoint)
+    if int(meta["vocab_size"]) != training.vocab_size:
+        raise UserError(f"--init-from {checkpoint}: its vocabulary ({meta['vocab_size']}) is not this run's "
+                        f"({training.vocab_size})")
+    options = full_state_dict_options()
+    module = training.model.module
+    try:
+        set_model_state_dict(module, model_state, options=options)
+        if not training.config.reset_optimizer:
+            set_optimizer_state_dict(module, training.optimizer, optim_state, options=options)
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise UserError(f"--init-from {checkpoint}: its weights or optimiser state do not fit this run's model "
+                        f"({str(error).splitlines()[0]})") from None
+    return LoopState(tokens_before=int(meta.get("tokens_seen", 0)))
+
+
+def save_checkpoint(training: Training, loop: LoopState, elapsed_s: float, *, folder: Path | None = None,
+                    keep: int | None = None) -> Path | None:
+    """A full (unsharded) checkpoint written by rank 0 into ``folder`` (the run's ``checkpoints/``);
+    every rank takes part in gathering it."""
     config, rt = training.config, training.runtime
     options = full_state_dict_options(cpu_offload=True)
     model_state = get_model_state_dict(training.model.module, options=options)
@@ -180,16 +218,16 @@ def save_checkpoint(training: Training, loop: LoopState, elapsed_s: float) -> Pa
     path = None
     if rt.is_main:
         path = ckpts.write_checkpoint(
-            training.run.checkpoints, loop.step, model_state=model_state, optimizer_state=optim_state,
+            folder or training.run.checkpoints, loop.step, model_state=model_state, optimizer_state=optim_state,
             trainer_state={
-                "step": loop.step, "tokens_seen": loop.tokens_seen,
+                "step": loop.step, "tokens_seen": loop.tokens_seen, "tokens_before": loop.tokens_before,
                 "sequences_seen": loop.step * config.batch_sequences, "elapsed_s": elapsed_s,
                 "world_size": rt.world_size,
             },
             rng_states=rng_states,
             meta={"model": config_to_dict(config.model), "vocab_size": training.vocab_size,
-                  "seq_len": config.seq_len, "size": config.size, "tokens_seen": loop.tokens_seen},
-            tokenizer_path=training.run.tokenizer_path, keep=config.keep,
+                  "seq_len": config.seq_len, "size": config.size, "tokens_seen": loop.model_tokens},
+            tokenizer_path=training.run.tokenizer_path, keep=keep or config.keep,
         )
     barrier(rt)
     return path
@@ -219,12 +257,65 @@ def train(config: PretrainConfig, *, resume: bool = False, stop_after: int | Non
         else:
             torch.manual_seed(config.seed + rt.rank)
             np.random.seed(config.seed + rt.rank)
-            loop, resumed_from = LoopState(), None
+            loop = start_from(training, Path(config.init_from)) if config.init_from else LoopState()
+            resumed_from = None
         try:
             return _loop(training, loop, session, stop_after=stop_after, resumed_from=resumed_from, quiet=quiet)
         except BaseException:
             session.figures.update(step=loop.step)
             raise
+
+
+def optimiser_step(training: Training, loop: LoopState) -> tuple[torch.Tensor, float]:
+    """One optimiser step over ``grad_accum`` micro-batches at ``loop.step``, which it advances; the
+    summed micro-batch losses (on the device, not synchronised) and the learning rate used."""
+    config, model = training.config, training.model
+    accum = config.grad_accum
+    loss_sum = torch.zeros((), device=training.runtime.torch_device)
+    for micro in range(accum):
+        inputs, targets = training.batch(loop.step, micro)
+        with model.gradient_sync(micro == accum - 1), model.autocast():
+            logits = model.train(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        # Mean over micro-batches: each backward carries 1/accum of its gradient.
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.module.parameters(), config.grad_clip)
+    lr = training.set_learning_rate(loop.step)
+    training.optimizer.step()
+    training.optimizer.zero_grad(set_to_none=True)
+    loop.step += 1
+    loop.tokens_seen += config.global_batch_tokens
+    return loss_sum, lr
+
+
+def decay_branch(training: Training, loop: LoopState, session: StageSession, say) -> float | None:
+    """``--decay-steps``: from the main line's last state (already checkpointed), that many more steps at
+    a linearly falling rate, on the sequences the main line would have read next; evaluated, and saved
+    as ``runs/<name>/decayed/``. The main line's checkpoints are not touched. Returns the branch's
+    validation loss (None without ``--val``, or when a resume finds the branch already written)."""
+    config = training.config
+    folder = training.run.decayed / "checkpoints"
+    final_step = config.steps + config.decay_steps
+    written = ckpts.latest_checkpoint(folder)
+    if written is not None and ckpts.read_trainer_state(written).get("step") == final_step:
+        return None
+    branch = LoopState(step=loop.step, tokens_seen=loop.tokens_seen, elapsed_s=loop.elapsed_s,
+                       tokens_before=loop.tokens_before)
+    say(f"decay branch: {config.decay_steps} steps from step {loop.step} into {training.run.decayed}")
+    t0 = time.perf_counter()
+    training.model.train.train()
+    while branch.step < final_step:
+        optimiser_step(training, branch)
+    loss_val = training.validation_loss()
+    if loss_val is not None:
+        session.emit("eval", step=branch.step, loss_val=loss_val, tokens_seen=branch.model_tokens, branch="decay")
+        say(f"decay branch, step {branch.step}: val loss {loss_val:.4f}")
+    path = save_checkpoint(training, branch, branch.elapsed_s + time.perf_counter() - t0, folder=folder, keep=1)
+    if path is not None:
+        session.emit("checkpoint", step=branch.step, path=str(path), branch="decay")
+    return loss_val
 
 
 def _loop(training: Training, loop: LoopState, session: StageSession, *, stop_after: int | None,
@@ -242,7 +333,8 @@ def _loop(training: Training, loop: LoopState, session: StageSession, *, stop_af
         start_step=loop.step, resumed_from=resumed_from, seq_len=config.seq_len,
         global_batch_tokens=config.global_batch_tokens, micro_batch=config.micro_batch, grad_accum=accum,
         fsdp=config.fsdp, device=rt.torch_device.type, train_tokens=training.train_data.n_tokens,
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), lr_schedule=config.lr_schedule, decay_steps=config.decay_steps,
+        init_from=config.init_from, tokens_before=loop.tokens_before,
     )
     say(f"pretrain {config.size}: {training.n_params / 1e6:.1f}M params, {rt.world_size} process(es) on "
         f"{rt.torch_device.type}, {'FSDP' if config.fsdp else 'DDP'}, steps {loop.step}→{total_steps}, "
@@ -259,7 +351,7 @@ def _loop(training: Training, loop: LoopState, session: StageSession, *, stop_af
         if training.val_data is not None and loop.step > start_step and (
                 loop.step % config.eval_every == 0 or loop.step == total_steps):
             loss_val = training.validation_loss()
-            session.emit("eval", step=loop.step, loss_val=loss_val)
+            session.emit("eval", step=loop.step, loss_val=loss_val, tokens_seen=loop.model_tokens)
             say(f"step {loop.step}: val loss {loss_val:.4f}")
             t_log = time.perf_counter()  # evaluation time is not training throughput
         if loop.step > start_step and (loop.step % config.save_every == 0 or last_step):
@@ -270,23 +362,7 @@ def _loop(training: Training, loop: LoopState, session: StageSession, *, stop_af
         if last_step:
             break
 
-        # ---- one optimiser step over `accum` micro-batches
-        loss_sum = torch.zeros((), device=rt.torch_device)
-        for micro in range(accum):
-            inputs, targets = training.batch(loop.step, micro)
-            with model.gradient_sync(micro == accum - 1), model.autocast():
-                logits = model.train(input_ids=inputs, use_cache=False).logits  # (B, T, V)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            # Mean over micro-batches: each backward carries 1/accum of its gradient.
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.module.parameters(), config.grad_clip)
-        lr = training.set_learning_rate(loop.step)
-        training.optimizer.step()
-        training.optimizer.zero_grad(set_to_none=True)
-        loop.step += 1
-        loop.tokens_seen += config.global_batch_tokens
+        loss_sum, lr = optimiser_step(training, loop)
 
         if loop.step % config.log_every == 0 or loop.step == stop_at:
             loss_mean = loss_sum / accum
@@ -298,7 +374,7 @@ def _loop(training: Training, loop: LoopState, session: StageSession, *, stop_af
             t_log, tokens_at_log = now, loop.tokens_seen
             losses[loop.step] = loss_value
             figures = {"step": loop.step, "total_steps": total_steps, "loss": loss_value, "lr": lr,
-                       "tokens_per_s": round(tokens_per_s, 1), "tokens_seen": loop.tokens_seen}
+                       "tokens_per_s": round(tokens_per_s, 1), "tokens_seen": loop.model_tokens}
             if peak is not None:
                 figures["mfu"] = round(model_flops_utilisation(tokens_per_s, training.flops_token, peak,
                                                                rt.world_size), 4)
@@ -309,8 +385,11 @@ def _loop(training: Training, loop: LoopState, session: StageSession, *, stop_af
 
     elapsed = loop.elapsed_s + time.perf_counter() - t0
     if loop.step == total_steps:
-        session.emit("done", steps=loop.step, tokens_seen=loop.tokens_seen, elapsed_s=round(elapsed, 3),
-                     loss_val=loss_val)
+        # Before ``done``: a run killed in its decay branch is not finished, and --resume redoes the branch.
+        decayed = decay_branch(training, loop, session, say) if config.decay_steps else None
+        session.emit("done", steps=loop.step, tokens_seen=loop.tokens_seen, model_tokens=loop.model_tokens,
+                     elapsed_s=round(elapsed, 3), loss_val=loss_val,
+                     **({"decayed_loss_val": decayed} if decayed is not None else {}))
         say(f"done: {loop.step} steps, {loop.tokens_seen:,} tokens in {elapsed:.1f}s"
             + (f", val loss {loss_val:.4f}" if loss_val is not None else ""))
     else:
