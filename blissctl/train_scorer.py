@@ -3,6 +3,9 @@
 The proxy is warmed up on random training documents, then each outer step trains it for K steps on score-weighted data and moves the score model along the hypergradient of the validation loss. The score model lands in runs/NAME/checkpoints/score-model.pt, ready for `blissctl select --scorer bliss`.
 
 Example: blissctl train-scorer --train 'c4/en/c4-train.0000*.json.gz' --val val.jsonl --run bliss-14m --proxy 14m --steps 500
+
+Example (a BLISS round: the proxy from the round-0 model, the score model continued, the latest model as the KL target):
+blissctl train-scorer --train 'pool/part-2/*' --val val.jsonl --proxy-init r0-proxy --score-init r1-scorer --target r1-lm --run r2-scorer
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ def train_scorer_command(
     val: Annotated[str | None, typer.Option("--val", help="Validation documents. Default: the embedded narrative set.", rich_help_panel=DATA)] = None,
     run: Annotated[str | None, typer.Option("--run", help="Run name under --runs-dir. Default: bliss-<proxy>.", rich_help_panel=RUN)] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs live.", rich_help_panel=RUN)] = Path("runs"),
-    proxy: Annotated[str, typer.Option("--proxy", help="Proxy preset: tiny, 14m, 31m, 70m, 160m, ...", rich_help_panel=RUN)] = "14m",
+    proxy: Annotated[str | None, typer.Option("--proxy", help="Proxy preset: tiny, 14m, 31m, 70m, 160m, ... Default: 14m, or --proxy-init's.", rich_help_panel=RUN)] = None,
     steps: Annotated[int, typer.Option("--steps", help="Outer (bilevel) steps.", rich_help_panel=RUN)] = 200,
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Proxy warm-up steps on random data.", rich_help_panel=RUN)] = 100,
+    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Proxy warm-up steps on random data. Default: 100, or 0 with --proxy-init.", rich_help_panel=RUN)] = None,
+    proxy_init: Annotated[str | None, typer.Option("--proxy-init", metavar="CKPT|RUN", help="Start the proxy from this model: a pretrain checkpoint or run (e.g. a round-0 model), or a train-scorer run's warmed-up proxy; its preset and tokenizer are used.", rich_help_panel=RUN)] = None,
+    score_init: Annotated[str | None, typer.Option("--score-init", metavar="RUN", help="Continue this earlier score model (a train-scorer run or score-model.pt) instead of starting from the proxy's backbone.", rich_help_panel=RUN)] = None,
     inner_steps: Annotated[int, typer.Option("--inner-steps", help="K: proxy steps per outer step.", rich_help_panel=OUTER)] = 5,
     gamma: Annotated[float, typer.Option("--gamma", help="Weight of KL(target ‖ proxy); 0 without --target.", rich_help_panel=OUTER)] = 1e-2,
     l2: Annotated[float, typer.Option("--l2", help="λ: weight of ‖θp‖² in the lower objective.", rich_help_panel=OUTER)] = 1e-7,
@@ -68,6 +73,13 @@ def train_scorer_command(
     from engine.runtime import thread_plan
 
     plan = thread_plan(requested=threads)
+    if proxy_init is not None and proxy is None:
+        from engine.bliss.artifacts import find_proxy_init
+
+        proxy = find_proxy_init(proxy_init, runs_dir).preset
+    proxy = proxy or "14m"
+    if warmup_steps is None:
+        warmup_steps = 0 if proxy_init else 100
 
     config = TrainScorerConfig(
         train=tuple(train) if train else (sample_pool_glob(),), val=val or str(sample_val_path()), proxy=proxy,
@@ -75,7 +87,7 @@ def train_scorer_command(
         z_lr=z_lr, z_damping=z_damping, z_clip=z_clip, hypergrad=hypergrad, hypergrad_chunk=hypergrad_chunk, lr_proxy=lr_proxy, lr_scorer=lr_scorer,
         z_hvp=z_hvp, fd_step=fd_step, z_carry=z_carry,
         weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size, val_batch_size=val_batch_size,
-        seq_len=seq_len, target=target, tokenizer=tokenizer, vocab_size=vocab_size, device=device, seed=seed,
+        seq_len=seq_len, target=target, proxy_init=proxy_init, score_init=score_init, tokenizer=tokenizer, vocab_size=vocab_size, device=device, seed=seed,
         probe_docs=probe_docs, histogram_every=histogram_every, checkpoint_every=checkpoint_every, resume=resume,
         tensorboard=tensorboard, threads=plan.threads,
     )

@@ -15,6 +15,7 @@ user types (a run name, a run folder, a file) into the file.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def load_score_model(path: Path, *, device: str = "cpu") -> tuple[ScoreModel, di
     return model, payload
 
 
-def find_score_model(source: str, runs_dir: Path | str) -> Path:
+def find_score_model(source: str, runs_dir: Path | str, *, flag: str = "--scorer-run") -> Path:
     """The score model file named by ``source``: a checkpoint file, a run folder, or a run name."""
     path = Path(source)
     if path.is_file():
@@ -91,7 +92,7 @@ def find_score_model(source: str, runs_dir: Path | str) -> Path:
                 return candidate
         if run.is_dir():
             raise UserError(f"run {run} has no score model yet; train one with: blissctl train-scorer --run {run.name}")
-    raise UserError(f"--scorer-run {source}: no such run in {runs_dir} and no such checkpoint file")
+    raise UserError(f"{flag} {source}: no such run in {runs_dir} and no such score model file")
 
 
 # --- the warmed-up proxy ---------------------------------------------------------------------------
@@ -126,6 +127,63 @@ def find_proxy_warmup(source: str | Path, runs_dir: Path | str = "runs") -> Path
         if candidate.is_file():
             return candidate
     raise UserError(f"{source}: no warmed-up proxy ({PROXY_WARMUP_FILE}) found; run blissctl train-scorer first")
+
+
+# --- a proxy or score model to start from (``train-scorer --proxy-init / --score-init``) ----------------
+
+
+@dataclass(frozen=True)
+class ProxyInit:
+    """Where ``--proxy-init`` points: a pretrain checkpoint folder or a train-scorer ``proxy-warmup.pt``."""
+
+    path: Path
+    preset: str
+    tokenizer: Path
+    kind: str
+    """``pretrain`` or ``warmup``."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        if self.kind == "pretrain":
+            return load_torch_file(self.path / "model.pt", what="--proxy-init model")
+        payload = _tagged(self.path, load_torch_file(self.path, what="--proxy-init proxy"), PROXY_FORMAT,
+                          "proxy checkpoint")
+        return payload["model"]
+
+
+def find_proxy_init(source: str, runs_dir: Path | str) -> ProxyInit:
+    """``--proxy-init``: a pretrain checkpoint or run (its latest checkpoint: e.g. BLISS's round-0 model),
+    a train-scorer run (its warmed-up proxy), or a ``proxy-warmup.pt`` file; a run name is looked up in
+    ``runs_dir``."""
+    from engine.models.checkpoints import checkpoint_tokenizer_path, read_meta, resolve_checkpoint
+
+    candidates = [Path(source)] + ([Path(runs_dir) / source] if not Path(source).is_absolute() else [])
+    for path in candidates:
+        warmup = path if path.is_file() else path / "checkpoints" / PROXY_WARMUP_FILE
+        if warmup.is_file():
+            payload = _tagged(warmup, load_torch_file(warmup, what="--proxy-init proxy"), PROXY_FORMAT,
+                              "proxy checkpoint")
+            return ProxyInit(path=warmup, preset=str(payload["preset"]), tokenizer=artifact_tokenizer(warmup),
+                             kind="warmup")
+        if path.is_dir():
+            checkpoint = resolve_checkpoint(path)
+            meta = read_meta(checkpoint)
+            if not isinstance(meta.get("size"), str):
+                raise UserError(f"--proxy-init {source}: its checkpoint does not say which model size it is")
+            return ProxyInit(path=checkpoint, preset=meta["size"], tokenizer=checkpoint_tokenizer_path(checkpoint),
+                             kind="pretrain")
+    raise UserError(f"--proxy-init {source}: no pretrain checkpoint, train-scorer run or proxy file there "
+                    f"(nor a run of that name in {runs_dir})")
+
+
+def load_score_init(path: Path, *, preset: str, vocab_size: int) -> dict[str, torch.Tensor]:
+    """``--score-init``: the weights of an earlier score model, which must be of this run's proxy preset
+    and vocabulary (the score model is the proxy's backbone plus a head)."""
+    payload = _tagged(path, load_torch_file(path, what="--score-init score model"), SCORE_MODEL_FORMAT,
+                      "score model")
+    if payload["preset"] != preset or int(payload["vocab_size"]) != vocab_size:
+        raise UserError(f"--score-init {path}: a {payload['preset']} score model with {payload['vocab_size']} tokens; "
+                        f"this run's proxy is {preset} with {vocab_size}")
+    return payload["state_dict"]
 
 
 # --- train-scorer's resume state -----------------------------------------------------------------

@@ -65,6 +65,13 @@ class TrainScorerConfig:
     """``--seq-len``: tokens per document (its first ``seq_len``; shorter ones are padded and masked)."""
     target: str | None = None
     """``--target``: pretraining checkpoint supplying the KL term; frozen, eval mode, no gradient."""
+    proxy_init: str | None = None
+    """``--proxy-init``: start the proxy from this model (a pretrain checkpoint or run, e.g. BLISS's
+    round-0 model, or a train-scorer run's warmed-up proxy) instead of a fresh one; its preset and
+    tokenizer are the run's. The proxy goes back to it at every fresh run, as each BLISS round does."""
+    score_init: str | None = None
+    """``--score-init``: start the score model from this earlier one (a train-scorer run or its
+    ``score-model.pt``) instead of the proxy's backbone: BLISS's rounds continue the score model."""
     tokenizer: str | None = None
     """``--tokenizer``: tokenizer.json, folder or hub id; default: a BPE trained on ``--train``, saved in the run."""
     vocab_size: int = 8192
@@ -159,8 +166,9 @@ class TrainScorerConfig:
 
 
 RESUME_KEYS = ("proxy", "seq_len", "batch_size", "steps", "warmup_steps", "inner_steps", "seed", "tokenizer",
-               "vocab_size", "hypergrad", "z_hvp", "z_carry", "shuffle_buffer", "train", "val")
-BEFORE_KEY = {"z_hvp": "exact", "z_carry": False}
+               "vocab_size", "hypergrad", "z_hvp", "z_carry", "shuffle_buffer", "train", "val", "proxy_init",
+               "score_init")
+BEFORE_KEY = {"z_hvp": "exact", "z_carry": False, "proxy_init": None, "score_init": None}
 """What a checkpoint written before a key existed ran with."""
 HYPERGRAD_ROUTES = ("graph", "jvp", "fd")
 

@@ -36,6 +36,7 @@ from engine.errors import UserError
 from engine.models.checkpoints import load_pretrained_model
 from engine.models.families import build_causal_lm, count_parameters, padded_vocab_size
 from engine.models.presets import model_preset, with_max_seq_len
+from engine.models.torch_files import load_weights
 from engine.run_dir import RunDir, StageSession
 from engine.runtime import autocast, resolve_device
 
@@ -164,16 +165,33 @@ class Training:
     opt_scorer: torch.optim.Optimizer | None = None
     z: list[torch.Tensor] | None = None
     """The last outer step's z, carried into the next z-solve with ``--z-carry``."""
+    runs_dir: Path = Path("runs")
+    """Where run names given to ``--score-init`` are looked up (the run's own parent)."""
 
     def start_score_model(self) -> None:
-        """The warm-up is over: the score model starts from the proxy's backbone, and the proxy gets a
-        fresh AdamW (its warm-up moments are forgotten) and schedule for the bilevel phase."""
+        """The warm-up is over: the score model starts from the proxy's backbone (or ``--score-init``'s
+        score model), and the proxy gets a fresh AdamW (its warm-up moments are forgotten) and schedule
+        for the bilevel phase."""
         self.score_model = ScoreModel.from_proxy(self.proxy).train()
+        if self.config.score_init:
+            found = artifacts.find_score_model(self.config.score_init, self.runs_dir, flag="--score-init")
+            state = artifacts.load_score_init(found, preset=self.config.proxy, vocab_size=self.vocab_size)
+            load_weights(self.score_model, state, path=Path(self.config.score_init), what="--score-init score model")
         self.opt_proxy.state.clear()
         self.opt_scorer = make_adamw(self.score_model, self.config, self.config.lr_scorer)
 
     def batch(self):
         return collate(self.stream.next_batch(self.config.batch_size), self.pad_id, self.device)
+
+
+def proxy_tokenizer(proxy_init: artifacts.ProxyInit, wanted: str | None) -> str:
+    """The tokenizer of a ``--proxy-init`` model is the run's; one line if ``--tokenizer`` names another."""
+    from engine.data.tokenizer import load_tokenizer
+
+    if wanted is not None and load_tokenizer(wanted).to_str() != load_tokenizer(proxy_init.tokenizer).to_str():
+        raise UserError(f"--tokenizer {wanted} is not the tokenizer the --proxy-init model was trained with "
+                        f"({proxy_init.tokenizer})")
+    return str(proxy_init.tokenizer)
 
 
 def saved_state(config: TrainScorerConfig, run_dir: RunDir) -> dict[str, Any] | None:
@@ -197,8 +215,13 @@ def build_training(config: TrainScorerConfig, run_dir: RunDir, device: torch.dev
     val_shards = discover_shards(config.val)
     # The KL term compares next-token distributions, so with a target the default tokenizer is the target's.
     target, target_tokenizer = load_target(config.target, device) if config.target else (None, None)
+    proxy_init = artifacts.find_proxy_init(config.proxy_init, run_dir.root.parent) if config.proxy_init else None
+    if config.score_init:  # a wrong name fails now, not after the warm-up
+        artifacts.find_score_model(config.score_init, run_dir.root.parent, flag="--score-init")
     spec = config.tokenizer
-    if spec is None and target_tokenizer is not None and not run_dir.tokenizer_path.exists():
+    if proxy_init is not None:
+        spec = proxy_tokenizer(proxy_init, spec)
+    elif spec is None and target_tokenizer is not None and not run_dir.tokenizer_path.exists():
         spec = str(target_tokenizer)
     tokenizer = resolve_tokenizer(spec, run_dir.tokenizer_path, training_sample(train_shards), config.vocab_size)
     vocab_size = tokenizer.get_vocab_size()
@@ -216,7 +239,13 @@ def build_training(config: TrainScorerConfig, run_dir: RunDir, device: torch.dev
     torch.manual_seed(config.seed)
     model_config = with_max_seq_len(model_preset(config.proxy), config.seq_len)
     lr_proxy = config.lr_proxy or model_config.lr
-    proxy = build_causal_lm(model_config, vocab_size, seed=config.seed).to(device).train()
+    proxy = build_causal_lm(model_config, vocab_size, seed=config.seed)
+    if proxy_init is not None:
+        if proxy_init.preset != config.proxy:
+            raise UserError(f"--proxy {config.proxy} differs from the --proxy-init model ({proxy_init.preset}); "
+                            "drop --proxy")
+        load_weights(proxy, proxy_init.weights(), path=proxy_init.path, what="--proxy-init model")
+    proxy = proxy.to(device).train()
     if target is not None:
         check_target_vocab(target, vocab_size, config.target)
     stream = DocumentStream(train_shards, encode, seed=config.seed, buffer=config.shuffle_buffer,
@@ -225,7 +254,7 @@ def build_training(config: TrainScorerConfig, run_dir: RunDir, device: torch.dev
         config=config, device=device, vocab_size=vocab_size, pad_id=pad_id, train_shards=train_shards,
         val_docs=val_docs, probe_docs=probe_docs, proxy=proxy, opt_proxy=make_adamw(proxy, config, lr_proxy),
         lr_proxy=lr_proxy, target=target, gamma=config.gamma if target is not None else 0.0, stream=stream,
-        val_rng=np.random.default_rng([config.seed, 1]),
+        val_rng=np.random.default_rng([config.seed, 1]), runs_dir=run_dir.root.parent,
     )
 
 

@@ -56,21 +56,28 @@ def read_events(run_root: Path | str, stage: str | None = None) -> list[dict[str
     return events
 
 
-def pretrain_curve(run_root: Path | str) -> Curve:
-    """Validation loss against tokens trained, from the ``pretrain`` stage's ``eval`` events.
+def pretrain_curve(run_root: Path | str, *, branch: str | None = None) -> Curve:
+    """Validation loss against tokens trained, from the ``pretrain`` stage's ``eval`` events of the main
+    line (or of ``branch``, e.g. ``"decay"``).
 
-    Tokens are ``step × global_batch_tokens`` of the run's (last) ``start`` event; a step evaluated twice
-    (a resumed run) keeps its last value.
+    Tokens are the event's ``tokens_seen`` (every token the model trained on, earlier runs it was
+    continued from included), else ``step × global_batch_tokens`` of the run's (last) ``start`` event;
+    a step evaluated twice (a resumed run) keeps its last value.
     """
     events = read_events(run_root, "pretrain")
     batch_tokens = None
-    by_step: dict[int, float] = {}
+    by_step: dict[int, tuple[int, float]] = {}
     for event in events:
         if event.get("kind") == "start" and event.get("global_batch_tokens"):
             batch_tokens = int(event["global_batch_tokens"])
-        elif event.get("kind") == "eval" and event.get("loss_val") is not None and batch_tokens:
-            by_step[int(event["step"])] = float(event["loss_val"])
-    return [(step * batch_tokens, loss) for step, loss in sorted(by_step.items())] if batch_tokens else []
+        elif event.get("kind") == "eval" and event.get("loss_val") is not None and event.get("branch") == branch:
+            step = int(event["step"])
+            tokens = event.get("tokens_seen")
+            if tokens is None and batch_tokens:
+                tokens = step * batch_tokens
+            if tokens is not None:
+                by_step[step] = (int(tokens), float(event["loss_val"]))
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def last_eval(run_root: Path | str) -> dict[str, Any] | None:

@@ -256,3 +256,73 @@ def test_a_carried_z_resumes_exactly(toy, tmp_path):
     b, _ = load_score_model(resumed.score_model)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name  # the carried z is in the checkpoint
+
+
+def _fake_pretrain_size_run(root, vocab_size: int, tokenizer_path, seed: int = 5) -> tuple[str, dict]:
+    """A pretrain run with a ``size`` in its meta, as ``blissctl pretrain`` writes it; and its weights."""
+    from engine.models.checkpoints import write_checkpoint
+    from engine.models.families import build_causal_lm
+    from engine.models.presets import pythia_tiny
+
+    model = build_causal_lm(pythia_tiny(), vocab_size, seed=seed)
+    write_checkpoint(root / "checkpoints", 10, model_state=model.state_dict(), optimizer_state={},
+                     trainer_state={"step": 10}, rng_states=[], tokenizer_path=Path(tokenizer_path), keep=1,
+                     meta={"model": dataclasses.asdict(pythia_tiny()), "vocab_size": vocab_size, "size": "tiny",
+                           "seq_len": 16})
+    return str(root), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_proxy_init_skips_the_warm_up_and_starts_from_the_given_model(toy, tmp_path):
+    from engine.bliss.artifacts import find_proxy_init, load_proxy_warmup, proxy_warmup_path
+
+    vocab = load_tokenizer(toy["tokenizer"]).get_vocab_size()
+    round0, weights = _fake_pretrain_size_run(tmp_path / "r0-proxy", vocab, toy["tokenizer"])
+    assert find_proxy_init("r0-proxy", tmp_path).preset == "tiny"  # a run name, looked up in the runs folder
+    run = RunDir.named("r1-scorer", tmp_path)
+    result = run_train_scorer(_config(toy, steps=1, warmup_steps=0, proxy_init="r0-proxy", tokenizer=None), run)
+    events = _events(run)
+    assert result.steps == 1 and not [e for e in events if e["kind"] == "warmup"]
+    # What the round was reset to is the given model, exactly (kept as this run's warmed-up proxy).
+    proxy, meta = load_proxy_warmup(proxy_warmup_path(run))
+    assert meta["warmup_steps"] == 0
+    assert all(torch.equal(proxy.state_dict()[k], weights[k]) for k in weights)
+    assert run.tokenizer_path.read_text() == Path(toy["tokenizer"]).read_text()
+
+    # Another run's warmed-up proxy works as well; a different --proxy or --tokenizer is one line.
+    again = run_train_scorer(_config(toy, steps=1, warmup_steps=0, proxy_init=str(run.root), tokenizer=None),
+                             RunDir.named("from-warmup", tmp_path))
+    assert again.steps == 1
+    with pytest.raises(UserError, match="differs from the --proxy-init model"):
+        run_train_scorer(_config(toy, steps=1, warmup_steps=0, proxy_init=round0, proxy="14m", tokenizer=None),
+                         RunDir.named("bad-size", tmp_path))
+    other = tmp_path / "other.json"
+    other.write_text(train_bpe_tokenizer(["a b c d e f g h"] * 50, 520).to_str())
+    with pytest.raises(UserError, match="not the tokenizer the --proxy-init model"):
+        run_train_scorer(_config(toy, steps=1, warmup_steps=0, proxy_init=round0, tokenizer=str(other)),
+                         RunDir.named("bad-tok", tmp_path))
+    with pytest.raises(UserError, match="--proxy-init"):
+        run_train_scorer(_config(toy, steps=1, warmup_steps=0, proxy_init=str(tmp_path / "nothing"), tokenizer=None),
+                         RunDir.named("missing", tmp_path))
+
+
+def test_score_init_continues_an_earlier_score_model(toy, tmp_path):
+    from engine.bliss.artifacts import score_model_path
+
+    first = RunDir.named("r1-scorer", tmp_path)
+    run_train_scorer(_config(toy, steps=2), first)
+    earlier, _ = load_score_model(score_model_path(first))
+    # Zero steps of the outer loop would not save; one step with a tiny learning rate keeps it close.
+    second = RunDir.named("r2-scorer", tmp_path)
+    run_train_scorer(_config(toy, steps=1, warmup_steps=0, proxy_init=str(first.root), score_init="r1-scorer",
+                             lr_scorer=1e-9, tokenizer=None), second)
+    continued, _ = load_score_model(score_model_path(second))
+    fresh = RunDir.named("r2-fresh", tmp_path)
+    run_train_scorer(_config(toy, steps=1, warmup_steps=0, proxy_init=str(first.root), lr_scorer=1e-9,
+                             tokenizer=None), fresh)
+    restarted, _ = load_score_model(score_model_path(fresh))
+    head = "head.weight"
+    assert torch.allclose(continued.state_dict()[head], earlier.state_dict()[head], atol=1e-6)
+    assert not torch.allclose(restarted.state_dict()[head], earlier.state_dict()[head], atol=1e-6)
+    with pytest.raises(UserError, match="score model"):
+        run_train_scorer(_config(toy, steps=1, warmup_steps=0, proxy_init=str(first.root), score_init="nope",
+                                 tokenizer=None), RunDir.named("r2-bad", tmp_path))
