@@ -454,7 +454,9 @@ class ExperimentState:
         return sorted(stages, key=lambda stage: stage.round)  # sort is stable: plan order within a round
 
     def main_line(self) -> tuple[list[float], list[float], list[float]]:
-        """The validation loss against tokens across rounds, one line: ``(xs, ys, round_starts)``.
+        """The validation loss against tokens across rounds, one line: ``(xs, ys, round_starts)``, where
+        ``round_starts`` holds the tokens at which each round's training began (the first round: its
+        first evaluation).
 
         Each round's pretrain run continues the previous round's model and counts its tokens from the
         start of round 0, so the curves simply join. A round whose tokens go back (a run that counted
@@ -468,7 +470,8 @@ class ExperimentState:
             run_xs, run_ys = self.runs[stage.run].val_by_tokens.points()
             if not run_xs:
                 continue
-            starts.append(run_xs[0] + offset)
+            # A later round starts training where the one before stopped, not at its first evaluation.
+            starts.append(xs[-1] if xs else run_xs[0] + offset)
             xs.extend(x + offset for x in run_xs)
             ys.extend(run_ys)
         return xs, ys, starts

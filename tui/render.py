@@ -356,7 +356,8 @@ def experiment_summary(experiment: ExperimentState, now: float | None = None) ->
 
 
 def comparison_table(series: list[Series]) -> Table:
-    """Each overlaid source's last validation loss, and the loss of each at equal tokens."""
+    """Each overlaid source's last validation loss, the loss of each at equal tokens, and the latest
+    evaluation-branch loss (the decayed model's) of those that have one."""
     tokens = common_tokens(series)
     table = Table(box=None, padding=(0, 2), collapse_padding=True, pad_edge=False, header_style="bold")
     table.add_column("run", no_wrap=True)
@@ -364,6 +365,9 @@ def comparison_table(series: list[Series]) -> Table:
     table.add_column("at tokens", justify="right", no_wrap=True)
     if tokens is not None:
         table.add_column(f"at {human_number(tokens)} tokens", justify="right", no_wrap=True)
+    branches = sorted({name for one in series for name in one.branches})[:2]
+    for name in branches:
+        table.add_column(f"{name} branch", justify="right", no_wrap=True)
     best = None
     if tokens is not None:
         best = min((loss for one in series if (loss := one.loss_at(tokens)) is not None), default=None)
@@ -373,5 +377,8 @@ def comparison_table(series: list[Series]) -> Table:
         if tokens is not None:
             at = one.loss_at(tokens)
             row.append(Text(_loss(at), style="bold green" if at is not None and at == best else ""))
+        for name in branches:
+            points = one.branches.get(name)
+            row.append(f"{_loss(points[1][-1])} at {human_number(points[0][-1])}" if points else "—")
         table.add_row(*row)
     return table

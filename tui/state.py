@@ -57,6 +57,14 @@ class Curve:
                 self._stride *= 2
         self._appended += 1
 
+    def replace_last(self, y: float) -> None:
+        """The latest point measured again (a resumed run evaluating its step anew): keep the new value."""
+        if self.last is None:
+            return
+        if self._xs and self._xs[-1] == self.last[0]:
+            self._ys[-1] = y
+        self.last = (self.last[0], y)
+
     def points(self) -> tuple[list[float], list[float]]:
         xs, ys = list(self._xs), list(self._ys)
         if self.last is not None and (not xs or (xs[-1], ys[-1]) != self.last):
@@ -492,7 +500,7 @@ def _append_forward(curve: Curve, x: float, y: float) -> None:
     value (as ``engine.eval.compare.pretrain_curve`` does) rather than drawing a line back in time."""
     if curve.last is not None and x <= curve.last[0]:
         if x == curve.last[0]:
-            curve.last = (x, y)
+            curve.replace_last(y)
         return
     curve.append(x, y)
 

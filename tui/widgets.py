@@ -195,9 +195,8 @@ class TokensLossChart(PlotextPlot):
         if rounds:
             for start in series[0].round_starts[1:]:
                 plt.vline(start, color="gray")
-        # Drawn last on top: the first series (the one named first) must not hide under the others.
-        for index in reversed(range(len(series))):
-            one = series[index]
+        # In the order named, so the legend reads as the command line did.
+        for index, one in enumerate(series):
             color = SERIES_COLORS[index % len(SERIES_COLORS)]
             label = "main line" if rounds else one.label
             plt.plot(one.xs, one.ys, label=label, color=color, marker="braille")
@@ -206,7 +205,7 @@ class TokensLossChart(PlotextPlot):
                 plt.scatter(xs, ys, marker="◆", color=branch_color,
                             label=f"{branch} branch" if rounds or len(series) == 1 else None)
                 self.shown_branch_points += len(xs)
-            self.shown_series.insert(0, (one.label, len(one.xs), color))
+            self.shown_series.append((one.label, len(one.xs), color))
         more = f" (+{hidden} more not shown)" if hidden else ""
         plt.title(f"{self.title}{more}")
         ticks = nice_ticks(low, high)

@@ -17,6 +17,8 @@ T0 = 1_790_000_000.0
 BATCH_TOKENS = 4096
 STEPS_PER_ROUND = 40
 EVAL_EVERY = 10
+DECAY_GAIN = 0.3
+"""How much lower the decayed branch evaluates than the main line (not a multiple of the main line's steps)."""
 
 STAGES = [
     {"round": 0, "role": "select", "run": "r0-select", "title": "round 0: select 20% at random"},
@@ -93,7 +95,7 @@ def pretrain_events(t: float, round_number: int, *, upto: int = STEPS_PER_ROUND,
     if decay and upto == STEPS_PER_ROUND:
         tokens = before + upto * BATCH_TOKENS
         events.append({"ts": t + upto + 1, "stage": "pretrain", "kind": "eval", "step": upto,
-                       "tokens_seen": tokens, "loss_val": round(val_loss(tokens) - 0.25, 4), "branch": "decay"})
+                       "tokens_seen": tokens, "loss_val": round(val_loss(tokens) - DECAY_GAIN, 4), "branch": "decay"})
     if done and upto == STEPS_PER_ROUND:
         events.append({"ts": t + upto + 2, "stage": "pretrain", "kind": "done", "steps": upto})
     return events
