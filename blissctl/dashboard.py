@@ -2,8 +2,8 @@
 
 Reads only each run's events.jsonl, so it can sit beside a long run or start before it (it waits).
 An experiment folder (experiment.json, from blissctl rounds) shows its rounds as rows of stages and
-its validation loss joined across rounds. Two or more runs named open on the overlay of their
-validation-loss curves against tokens (c toggles it).
+its validation loss joined across rounds. Runs named side by side are overlaid on one chart of
+validation loss against tokens as soon as two have one (c toggles the overlay).
 
 Keys: q quit, tab next run, c compare, p pause following, ? help.
 
@@ -38,7 +38,7 @@ def dashboard_command(
         typer.Argument(
             help="Runs to show: names under --runs-dir or paths to run directories or experiment folders. "
             "Default: every run and experiment under --runs-dir, newest first (runs started later appear "
-            "as they do). Two or more open on the overlay of their validation-loss curves.",
+            "as they do). Two or more are overlaid on one validation-loss chart once two have curves.",
             show_default=False,
             metavar="RUN",
         ),
@@ -72,7 +72,8 @@ def dashboard_command(
     # Textual loads only for the live view: `--once` and `blissctl --help` stay quick.
     from tui.app import run_dashboard
 
-    # Named side by side, runs are there to be compared: open on the overlay (c shows each alone).
+    # Named side by side, runs are there to be compared: the overlay shows itself once two of them have
+    # validation curves (c toggles it).
     run_dashboard(sources, discover_root=None if runs else runs_dir, refresh_s=refresh, compare=len(sources) > 1)
 
 

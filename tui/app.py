@@ -104,13 +104,18 @@ class DashboardApp(App[None]):
         compare: bool = False,
     ):
         """Follow ``sources``; with ``discover_root``, also pick up run directories that appear there.
-        ``compare`` starts on the overlay of every source's validation loss (``c`` toggles it)."""
+        With ``compare``, the overlay of every source's validation loss is shown as soon as two of them
+        have one (until ``c`` or choosing a run says otherwise)."""
         super().__init__()
         self.discover_every_s = discover_every_s
         self.sources: list[RunSource] = []
         self.runs: dict[str, RunState | ExperimentState] = {}
         """Each followed source's state: a run's ``RunState``, an experiment folder's ``ExperimentState``."""
-        self.compare = compare
+        self.compare = False
+        """The overlay is shown because the user asked for it (``c``)."""
+        self.compare_auto = compare
+        """The overlay shows itself once two sources have validation curves: runs named side by side
+        are there to be compared, but two select runs have nothing to overlay."""
         self.discover_root = discover_root
         self.refresh_s = refresh_s
         self.selected: str | None = None
@@ -261,7 +266,7 @@ class DashboardApp(App[None]):
         if not self.following and not force:
             return
         run = self.runs.get(self.selected) if self.selected else None
-        view = "compare" if self.compare else "experiment" if isinstance(run, ExperimentState) else "run"
+        view = "compare" if self._comparing() else "experiment" if isinstance(run, ExperimentState) else "run"
         if view != self._shown_view:
             self._run_view.display = view == "run"
             self._experiment_view.display = view == "experiment"
@@ -308,7 +313,7 @@ class DashboardApp(App[None]):
 
     def _update_subtitle(self) -> None:
         shown = self.selected or "no runs yet"
-        if self.compare:
+        if self._shown_view == "compare":
             shown = f"compare {len(self.sources)} runs (c: each run)"
         state = "following" if self.following else "PAUSED (p to follow)"
         self.sub_title = f"{shown} · {state}"
@@ -318,7 +323,7 @@ class DashboardApp(App[None]):
             return
         self.selected = name
         # Choosing a run in the list asks to see it: the overlay makes way.
-        self.compare = False
+        self.compare = self.compare_auto = False
         self._redraw(force=True)
 
     # --- actions -----------------------------------------------------------------------------------
@@ -345,8 +350,17 @@ class DashboardApp(App[None]):
         self._update_subtitle()
 
     def action_toggle_compare(self) -> None:
-        self.compare = not self.compare
+        self.compare = not self._comparing()
+        self.compare_auto = False  # the user has chosen: the view no longer switches by itself
         self._redraw(force=True)
+
+    def _comparing(self) -> bool:
+        if self.compare:
+            return True
+        if not self.compare_auto:
+            return False
+        with_curves = (view for view in self.runs.values() if _has_validation_curve(view))
+        return next(with_curves, None) is not None and next(with_curves, None) is not None
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -354,6 +368,17 @@ class DashboardApp(App[None]):
     def on_option_list_option_highlighted(self, message: OptionList.OptionHighlighted) -> None:
         if 0 <= message.option_index < len(self.sources):
             self._select(self.sources[message.option_index].name)
+
+
+def _has_validation_curve(view: RunState | ExperimentState) -> bool:
+    """Cheap (checked each tick): whether ``view`` has a pretrain evaluation to overlay."""
+    if isinstance(view, ExperimentState):
+        return any(
+            view.runs[stage.run].val_by_tokens.last is not None
+            for stage in view.pretrain_stages()
+            if stage.run in view.runs
+        )
+    return view.val_by_tokens.last is not None
 
 
 def run_dashboard(

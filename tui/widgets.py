@@ -313,9 +313,9 @@ per round, a column per role (select, proxy / scorer, pretrain), each cell its s
 the validation loss against tokens joined across rounds (grey lines: round starts), and [b]◆[/b] the
 decayed evaluation branch of each round. A stage run alone: name its path (RUNS/EXP/r1-lm).
 
-[b]Compare[/b] ([b]c[/b], and the first view when two or more runs are named) overlays the validation
-loss of each run or experiment in its own colour, against tokens trained, with the loss of each at
-the most tokens all have reached. Choosing a run in the list leaves it.
+[b]Compare[/b] ([b]c[/b]; by itself when runs named together both have curves) overlays the
+validation loss of each run or experiment in its own colour, against tokens trained, with the loss
+of each at the most tokens all have reached. Choosing a run in the list leaves it.
 """
 
 

@@ -148,6 +148,30 @@ def test_the_overlay_shows_each_run_in_its_own_colour_and_c_toggles_it(tmp_path)
     asyncio.run(scenario())
 
 
+def test_runs_named_together_are_overlaid_once_two_have_curves_until_c_says_otherwise(tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(FIXTURES / "select-only", runs / "c4-bliss")
+    append_events(runs / "bliss-lm", now_events(pretrain_events(0.0, 0)))
+    names = ["c4-bliss", "bliss-lm", "random-lm"]  # random-lm has not started
+
+    async def scenario():
+        app = DashboardApp([RunSource(name, runs / name) for name in names], refresh_s=REFRESH_S, compare=True)
+        async with app.run_test(size=(140, 40)) as pilot:
+            await wait_until(pilot, lambda: "bliss-lm" in app.runs and app.runs["bliss-lm"].events > 0)
+            await pilot.pause(0.2)
+            assert app.query_one("#run-view").display  # one curve: nothing to overlay yet
+            append_events(runs / "random-lm", now_events(pretrain_events(0.0, 0, upto=10)))
+            await wait_until(pilot, lambda: app.query_one("#compare-view").display)
+            assert "compare 3 runs" in app.sub_title
+            await pilot.press("c")
+            await wait_until(pilot, lambda: app.query_one("#run-view").display)
+            append_events(runs / "random-lm", now_events(pretrain_events(0.0, 0)))
+            await pilot.pause(0.3)
+            assert app.query_one("#run-view").display  # chosen by the user: it no longer switches itself
+
+    asyncio.run(scenario())
+
+
 def test_discovery_follows_an_experiment_as_one_entry_and_screenshots(tmp_path):
     runs = tmp_path / "runs"
     root = runs / "bliss-rounds"
