@@ -23,6 +23,7 @@ from tui.render import (
     experiment_notes,
     histogram_caption,
     human_number,
+    round_results_table,
     rounds_table,
     run_footer,
     stages_table,
@@ -86,9 +87,12 @@ class RoundsPanel(Static):
     """An experiment's rounds: one row each, a column per role, each cell its stage's status."""
 
     def show_experiment(self, experiment: ExperimentState) -> None:
-        notes = experiment_notes(experiment)
-        table = rounds_table(experiment, wide=self.size.width >= 100)
-        self.update(Group(table, *notes) if notes else table)
+        parts: list = [rounds_table(experiment, wide=self.size.width >= 100)]
+        results = round_results_table(experiment)
+        if results is not None:  # the finished experiment's own figures: threshold, drift, composition
+            parts += [Text("per-round results", style="bold"), results]
+        parts += experiment_notes(experiment)
+        self.update(Group(*parts))
         self.border_title = _experiment_title(experiment)
         self.show_freshness(experiment)
 
