@@ -1,12 +1,22 @@
 """Watch runs live: stages with progress, rate and ETA; loss curves; score histogram; throughput.
 
 Reads only each run's events.jsonl, so it can sit beside a long run or start before it (it waits).
+An experiment folder (experiment.json, from blissctl rounds) shows its rounds as rows of stages and
+its validation loss joined across rounds. Runs named side by side are overlaid on one chart of
+validation loss against tokens as soon as two have one (c toggles the overlay).
 
-Keys: q quit, tab next run, p pause following, ? help.
+Keys: q quit, tab next run, c compare, p pause following, ? help.
 
-With --once, prints a summary of each run and exits: for logs and terminals without a TUI.
+With --once, prints a summary of each run (an experiment's rounds table and per-round results) and
+exits: for logs and terminals without a TUI.
 
 Example: blissctl dashboard c4-random --runs-dir runs
+
+Example, an experiment's rounds, live: blissctl dashboard runs/bliss-rounds
+
+Example, BLISS against random on one chart: blissctl dashboard runs/demo-bliss-lm runs/demo-random-lm
+
+Example, two experiments printed: blissctl dashboard bliss-rounds random-rounds --once
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ def dashboard_command(
     runs: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Runs to show: names under --runs-dir or paths to run directories. Default: every run "
-            "under --runs-dir, newest first (runs started later appear as they do).",
+            help="Runs to show: names under --runs-dir or paths to run directories or experiment folders. "
+            "Default: every run and experiment under --runs-dir, newest first (runs started later appear "
+            "as they do). Two or more are overlaid on one validation-loss chart once two have curves.",
             show_default=False,
             metavar="RUN",
         ),
@@ -61,7 +72,9 @@ def dashboard_command(
     # Textual loads only for the live view: `--once` and `blissctl --help` stay quick.
     from tui.app import run_dashboard
 
-    run_dashboard(sources, discover_root=None if runs else runs_dir, refresh_s=refresh)
+    # Named side by side, runs are there to be compared: the overlay shows itself once two of them have
+    # validation curves (c toggles it).
+    run_dashboard(sources, discover_root=None if runs else runs_dir, refresh_s=refresh, compare=len(sources) > 1)
 
 
 def _unique_names(sources: list[RunSource]) -> list[RunSource]:

@@ -1,4 +1,5 @@
-"""Rich renderables made from a ``RunState``: shared by the Textual widgets and ``--once``."""
+"""Rich renderables made from a ``RunState`` or an ``ExperimentState``: shared by the Textual widgets
+and ``--once``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from tui.compare import Series, common_tokens
+from tui.experiment import ExperimentState, StageCell
 from tui.state import PRETRAIN_CURVES, SCORER_CURVES, Histogram, RunState, StageState
 
 STATUS_STYLE = {
@@ -26,7 +29,7 @@ STAGE_FIGURES = {
     # The figures worth a glance for each known stage, in order; unknown stages show what they have.
     "select": ("docs_seen", "docs_kept", "tokens_kept", "skipped", "threshold", "scorer", "budget"),
     "train-scorer": ("loss_lower", "loss_upper", "hypergrad_norm", "weight_entropy", "loss"),
-    "pretrain": ("loss", "loss_val", "lr", "mfu", "tokens_seen"),
+    "pretrain": ("loss", "loss_val", "decay_loss_val", "lr", "mfu", "tokens_seen"),
     "eval": ("loss_val", "perplexity", "bits_per_byte"),
 }
 PROGRESS_FIELDS = {"fraction", "step", "total_steps", "elapsed_s", "shards_done", "shards_total"}
@@ -140,7 +143,7 @@ def step_count(stage: StageState) -> str:
     return f"{stage.step:.0f}/{stage.total_steps:.0f}"
 
 
-def run_footer(run: RunState, now: float | None = None) -> Text:
+def run_footer(run: RunState | ExperimentState, now: float | None = None) -> Text:
     """One line: how fresh the data is and what was skipped, so a stalled run does not look alive."""
     now = time.time() if now is None else now
     parts = [f"{run.events} events"]
@@ -148,8 +151,10 @@ def run_footer(run: RunState, now: float | None = None) -> Text:
         parts.append(f"last {human_duration(now - run.last_ts)} ago")
     if run.bad_lines:
         parts.append(f"{run.bad_lines} unreadable lines skipped")
-    if run.restarts:
+    if isinstance(run, RunState) and run.restarts:
         parts.append(f"file restarted {run.restarts}×")
+    if isinstance(run, ExperimentState):
+        parts.insert(0, f"{run.finished_stages}/{len(run.stages)} stages finished")
     return Text(" · ".join(parts), style="dim")
 
 
@@ -239,3 +244,141 @@ def run_summary(run: RunState, now: float | None = None) -> Panel:
     parts += [Text(""), run_footer(run, now)]
     title = Text.assemble(Text(run.name, style="bold"), " ", status_text(run.status))
     return Panel(Group(*parts), title=title, title_align="left", subtitle=str(run.path or ""))
+
+
+# --- experiments -------------------------------------------------------------------------------------
+
+
+def stage_cell_text(cell: StageCell, wide: bool = True) -> Text:
+    """``✔ done 3.1s``, ``● 42%``, ``… waiting``, ``✖ error``; ``wide`` names the stage's run below."""
+    status = cell.status
+    text = Text(f"{STATUS_GLYPH.get(status, '?')} ", style=STATUS_STYLE.get(status, ""))
+    if status == "running" and cell.fraction is not None:
+        text.append(f"{100 * cell.fraction:.0f}%", style=STATUS_STYLE["running"])
+    else:
+        text.append(status, style=STATUS_STYLE.get(status, ""))
+    if cell.seconds is not None and status != "waiting":
+        text.append(f" {human_duration(cell.seconds)}", style="dim")
+    if wide:
+        text.append(f"\n{cell.stage.run}", style="dim")
+    return text
+
+
+def rounds_table(experiment: ExperimentState, wide: bool = True) -> Table:
+    """One row per round, one column per role (select, proxy / scorer, pretrain), each cell its
+    stage's status; then the round's validation loss (main line, and the decayed branch's)."""
+    table = Table(box=None, padding=(0, 2), collapse_padding=True, pad_edge=False, header_style="bold")
+    table.add_column("round", justify="right", no_wrap=True)
+    columns = experiment.columns()
+    for header, _ in columns:
+        table.add_column(header, no_wrap=True)
+    table.add_column("val loss", justify="right", no_wrap=True)
+    table.add_column("decay", justify="right", no_wrap=True)
+    table.add_column("tokens", justify="right", no_wrap=True)
+    if not experiment.stages:
+        table.add_row(Text(_waiting_for_plan(experiment), style="dim"))
+        return table
+    results = {result.round: result for result in experiment.round_summary()}
+    for row in experiment.rounds():
+        cells: list[RenderableType] = [Text(str(row.round), style="bold")]
+        for header, _ in columns:
+            shown = [stage_cell_text(cell, wide) for cell in row.cells[header]]
+            cells.append(Text("\n").join(shown) if shown else Text("—", style="dim"))
+        result = results.get(row.round)
+        decay = experiment.branch_loss(row.round)
+        cells += [
+            _loss(result.val_loss if result else None),
+            _loss(decay),
+            human_number(result.tokens) if result and result.tokens is not None else "—",
+        ]
+        table.add_row(*cells)
+    return table
+
+
+def _loss(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _waiting_for_plan(experiment: ExperimentState) -> str:
+    where = experiment.path / "experiment.json" if experiment.path is not None else "experiment.json"
+    if experiment.problem:
+        return f"{experiment.problem}: waiting for {where}"
+    return f"waiting for {where}" if experiment.plan is None else "the plan has no stages yet"
+
+
+def experiment_notes(experiment: ExperimentState) -> list[Text]:
+    """What the reader should know that the table does not show: errors, a bad plan file."""
+    notes = []
+    if experiment.problem and experiment.plan is not None:
+        notes.append(Text(f"{experiment.problem}; showing the last plan read", style="yellow"))
+    if experiment.plan is not None and experiment.plan.skipped:
+        notes.append(Text(f"{experiment.plan.skipped} stage entries of the plan not understood", style="yellow"))
+    for stage in experiment.stages:
+        cell = experiment.cell(stage)
+        if cell.status == "error":
+            notes.append(Text(f"{stage.run}: {cell.message or 'error'}", style="bold red"))
+    return notes
+
+
+def round_results_table(experiment: ExperimentState) -> Table | None:
+    """The per-round results of ``rounds-result.json``; ``None`` before it is written."""
+    if not experiment.result:
+        return None
+    table = Table(box=None, padding=(0, 2), collapse_padding=True, pad_edge=False, header_style="bold")
+    for header in ("round", "val loss", "tokens", "threshold", "drift ρ", "cost CPU", "composition (largest shares)"):
+        table.add_column(header, justify="left" if header.startswith("composition") else "right", no_wrap=True)
+    for result in experiment.result:
+        composition = "  ".join(f"{source} {100 * share:.0f}%" for source, share in result.composition[:4])
+        table.add_row(
+            str(result.round),
+            _loss(result.val_loss),
+            human_number(result.tokens),
+            "—" if result.threshold is None else f"{result.threshold:.3g}",
+            "—" if result.drift_spearman is None else f"{result.drift_spearman:.3f}",
+            human_duration(result.cost_cpu_s),
+            composition or "—",
+        )
+    return table
+
+
+def experiment_summary(experiment: ExperimentState, now: float | None = None) -> Panel:
+    """Everything ``--once`` prints about an experiment: its rounds, then the per-round results."""
+    parts: list[RenderableType] = [rounds_table(experiment, wide=False)]
+    results = round_results_table(experiment)
+    if results is not None:
+        parts += [Text(""), Text("per-round results (rounds-result.json)", style="bold"), results]
+    parts += experiment_notes(experiment)
+    parts += [Text(""), run_footer(experiment, now)]
+    plan = experiment.plan
+    label = f" ({plan.kind}: {plan.name})" if plan is not None and plan.name and plan.name != experiment.name else ""
+    title = Text.assemble(Text(experiment.name, style="bold"), label, " ", status_text(experiment.status))
+    return Panel(Group(*parts), title=title, title_align="left", subtitle=str(experiment.path or ""))
+
+
+def comparison_table(series: list[Series]) -> Table:
+    """Each overlaid source's last validation loss, the loss of each at equal tokens, and the latest
+    evaluation-branch loss (the decayed model's) of those that have one."""
+    tokens = common_tokens(series)
+    table = Table(box=None, padding=(0, 2), collapse_padding=True, pad_edge=False, header_style="bold")
+    table.add_column("run", no_wrap=True)
+    table.add_column("val loss", justify="right", no_wrap=True)
+    table.add_column("at tokens", justify="right", no_wrap=True)
+    if tokens is not None:
+        table.add_column(f"at {human_number(tokens)} tokens", justify="right", no_wrap=True)
+    branches = sorted({name for one in series for name in one.branches})[:2]
+    for name in branches:
+        table.add_column(f"{name} branch", justify="right", no_wrap=True)
+    best = None
+    if tokens is not None:
+        best = min((loss for one in series if (loss := one.loss_at(tokens)) is not None), default=None)
+    for one in series:
+        x, y = one.last
+        row: list[RenderableType] = [Text(one.label, style="bold"), _loss(y), human_number(x)]
+        if tokens is not None:
+            at = one.loss_at(tokens)
+            row.append(Text(_loss(at), style="bold green" if at is not None and at == best else ""))
+        for name in branches:
+            points = one.branches.get(name)
+            row.append(f"{_loss(points[1][-1])} at {human_number(points[0][-1])}" if points else "—")
+        table.add_row(*row)
+    return table

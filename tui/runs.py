@@ -1,9 +1,15 @@
-"""Which run directories the dashboard follows: named on the command line, or all under ``runs/``."""
+"""Which run directories the dashboard follows: named on the command line, or all under ``runs/``.
+
+An experiment folder (``RUNS/EXP/experiment.json`` beside one run directory per stage) is one source:
+discovery lists it once, not its stage runs; a stage run is still followed alone when named by path.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from tui.experiment import EXPERIMENT_FILE, is_experiment
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +24,11 @@ class RunSource:
     def events_path(self) -> Path:
         return self.path / "events.jsonl"
 
+    @property
+    def is_experiment(self) -> bool:
+        """Looked up each time: a folder named before ``blissctl rounds`` plans it becomes one later."""
+        return is_experiment(self.path)
+
 
 def run_source(argument: str, runs_dir: Path) -> RunSource:
     """``argument`` as a run: a path to a run directory when one is there (or it looks like a path),
@@ -29,14 +40,20 @@ def run_source(argument: str, runs_dir: Path) -> RunSource:
 
 
 def discover_runs(runs_dir: Path) -> list[RunSource]:
-    """Every run directory under ``runs_dir``, newest first (by when its event log last changed)."""
+    """Every run directory and experiment folder under ``runs_dir``, newest first (by when its event log,
+    or the experiment's plan, last changed)."""
     if not runs_dir.is_dir():
         return []
 
     def last_change(path: Path) -> float:
-        events = path / "events.jsonl"
+        # An experiment rewrites its plan as each stage finishes: that is when it last changed.
+        for name in ("events.jsonl", EXPERIMENT_FILE):
+            try:
+                return (path / name).stat().st_mtime
+            except OSError:
+                continue
         try:
-            return (events if events.exists() else path).stat().st_mtime
+            return path.stat().st_mtime
         except OSError:
             return 0.0
 

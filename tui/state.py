@@ -14,7 +14,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from tui.events import Event, as_number
+from tui.events import Event, TailBatch, as_number
 
 CURVE_POINTS = 1024
 SPARKLINE_POINTS = 120
@@ -24,6 +24,8 @@ MAX_STAGES = 32
 """A file full of distinct stage names must not grow the stage table without end."""
 MAX_FIGURES_PER_STAGE = 48
 MAX_ERRORS = 20
+MAX_BRANCHES = 4
+"""Evaluation branches (``"branch": "decay"``, ...) kept per run; more names are ignored, not grown."""
 
 FINISHED = ("done", "error", "interrupted", "stopped")
 """``stopped``: pretraining paused before its last step (``--resume`` continues it)."""
@@ -54,6 +56,14 @@ class Curve:
                 self._ys = self._ys[::2]
                 self._stride *= 2
         self._appended += 1
+
+    def replace_last(self, y: float) -> None:
+        """The latest point measured again (a resumed run evaluating its step anew): keep the new value."""
+        if self.last is None:
+            return
+        if self._xs and self._xs[-1] == self.last[0]:
+            self._ys[-1] = y
+        self.last = (self.last[0], y)
 
     def points(self) -> tuple[list[float], list[float]]:
         xs, ys = list(self._xs), list(self._ys)
@@ -137,6 +147,8 @@ LOSS_CURVES = {
     ("pretrain", "step", "loss"): "pretrain loss",
     ("pretrain", "eval", "loss_val"): "pretrain val loss",
 }
+# Branch evaluations (a decayed copy of the model, ``"branch": "decay"``) are not the main line: they
+# never enter these curves, but ``RunState.branch_evals``.
 SCORER_CURVES = ("scorer upper (val)", "scorer lower", "scorer warm-up")
 PRETRAIN_CURVES = ("pretrain loss", "pretrain val loss")
 
@@ -196,12 +208,28 @@ class RunState:
         """Events of a kind not understood (their figures still show generically) or past ``MAX_STAGES``."""
         self.first_ts: float | None = None
         self.last_ts: float | None = None
+        self.val_by_tokens = Curve()
+        """Pretraining's main-line validation loss against tokens trained (what runs are compared by)."""
+        self.branch_evals: dict[str, Curve] = {}
+        """Validation loss of each evaluation branch (``decay``, ...) against tokens: marked points."""
+        self._batch_tokens: float | None = None
+        self._step_tokens: tuple[float, float] | None = None
+        """(step, tokens_seen) of the latest pretrain ``step`` event: where an eval without its own
+        ``tokens_seen`` sits, when it evaluates that very step."""
 
     # --- folding -------------------------------------------------------------------------------
 
     def fold_all(self, events: list[Event]) -> None:
         for event in events:
             self.fold(event)
+
+    def fold_batch(self, batch: TailBatch) -> None:
+        """One ``EventTail.read``: a truncated or replaced file first forgets what it said before."""
+        if batch.restarted:
+            self.restart()
+        self.exists = batch.exists or self.exists
+        self.bad_lines += batch.bad_lines
+        self.fold_all(batch.events)
 
     def restart(self) -> None:
         """The file was truncated or replaced: start again from its first line."""
@@ -223,7 +251,12 @@ class RunState:
         if ts is not None:
             stage.first_ts = ts if stage.first_ts is None else stage.first_ts
             stage.last_ts = ts
-        self._remember_figures(stage, event)
+        branch = _branch(event)
+        if branch is None:
+            self._remember_figures(stage, event)
+        else:
+            # A branch's loss is not the model's: it must not pass for the stage's latest loss_val.
+            self._remember_branch_figure(stage, branch, event)
 
         kind = event.kind
         if kind == "start":
@@ -263,6 +296,8 @@ class RunState:
             self.errors.append((stage.name, stage.message))
         elif kind in ("interrupted", "stopped"):
             stage.status = kind
+        elif kind == "eval" and branch is not None:
+            self._fold_branch_eval(branch, event)
         elif kind == "eval":
             self._fold_eval(stage, event)
         elif kind == "tasks":
@@ -270,8 +305,10 @@ class RunState:
         else:
             self.ignored += 1  # shown generically through the stage's figures; nothing else to do
 
+        if event.stage == "pretrain":
+            self._remember_tokens(event, branch)
         for (curve_stage, curve_kind, name), label in LOSS_CURVES.items():
-            if event.stage == curve_stage and kind == curve_kind:
+            if event.stage == curve_stage and kind == curve_kind and branch is None:
                 x, y = event.number("step"), event.number(name)
                 if x is not None and y is not None:
                     self.curves[label].append(x, y)
@@ -358,6 +395,49 @@ class RunState:
             threshold,  # type: ignore[arg-type]
         )
 
+    def _remember_tokens(self, event: Event, branch: str | None) -> None:
+        if event.kind == "start":
+            self._batch_tokens = event.number("global_batch_tokens") or self._batch_tokens
+        elif event.kind == "step":
+            step, tokens = event.number("step"), event.number("tokens_seen")
+            if step is not None and tokens is not None:
+                self._step_tokens = (step, tokens)
+        elif event.kind == "eval" and branch is None:
+            tokens, loss = self.eval_tokens(event), event.number("loss_val")
+            if tokens is not None and loss is not None:
+                _append_forward(self.val_by_tokens, tokens, loss)
+
+    def eval_tokens(self, event: Event) -> float | None:
+        """Tokens trained when a pretrain ``eval`` was taken: its own ``tokens_seen`` (which counts earlier
+        rounds of a continued model), else the tokens of a ``step`` event at the same step, else (older
+        runs) ``step × global_batch_tokens`` of the ``start`` event; ``None`` when none is known."""
+        tokens = event.number("tokens_seen")
+        if tokens is not None:
+            return tokens
+        step = event.number("step")
+        if step is None:
+            return None
+        if self._step_tokens is not None and self._step_tokens[0] == step:
+            return self._step_tokens[1]
+        return step * self._batch_tokens if self._batch_tokens else None
+
+    def _fold_branch_eval(self, branch: str, event: Event) -> None:
+        curve = self.branch_evals.get(branch)
+        if curve is None:
+            if len(self.branch_evals) >= MAX_BRANCHES:
+                self.ignored += 1
+                return
+            curve = self.branch_evals[branch] = Curve()
+        tokens, loss = self.eval_tokens(event), event.number("loss_val")
+        if tokens is not None and loss is not None:
+            _append_forward(curve, tokens, loss)
+
+    @staticmethod
+    def _remember_branch_figure(stage: StageState, branch: str, event: Event) -> None:
+        key, value = f"{branch[:40]}_loss_val", event.number("loss_val")
+        if value is not None and (key in stage.figures or len(stage.figures) < MAX_FIGURES_PER_STAGE):
+            stage.figures[key] = value
+
     def _fold_eval(self, stage: StageState, event: Event) -> None:
         if stage.name == "eval":
             # The eval stage's whole output is this one result.
@@ -407,6 +487,22 @@ class RunState:
             return histogram.threshold
         select = self.stages.get("select")
         return as_number(select.figures.get("threshold")) if select is not None else None
+
+
+def _branch(event: Event) -> str | None:
+    """The evaluation branch an event belongs to (``decay``), or ``None`` for the main line."""
+    branch = event.data.get("branch")
+    return branch if isinstance(branch, str) and branch else None
+
+
+def _append_forward(curve: Curve, x: float, y: float) -> None:
+    """Append, keeping x increasing: a resumed run that evaluates a step again replaces that point's
+    value (as ``engine.eval.compare.pretrain_curve`` does) rather than drawing a line back in time."""
+    if curve.last is not None and x <= curve.last[0]:
+        if x == curve.last[0]:
+            curve.replace_last(y)
+        return
+    curve.append(x, y)
 
 
 def _stage_rate(stage: StageState, event: Event) -> tuple[float | None, str]:

@@ -81,11 +81,14 @@ def test_live_view_follows_named_runs_or_discovers_all(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     assert runner.invoke(app, ["dashboard", "--runs-dir", str(runs), "--refresh", "0.5"]).exit_code == 0
     assert runner.invoke(app, ["dashboard", "--runs-dir", str(runs), "later", "later"]).exit_code == 0
+    assert runner.invoke(app, ["dashboard", "--runs-dir", str(runs), "bliss-lm", "random-lm"]).exit_code == 0
     (all_sources,), discover_all = calls[0]
-    assert all_sources == [] and discover_all == {"discover_root": runs, "refresh_s": 0.5}
+    assert all_sources == [] and discover_all == {"discover_root": runs, "refresh_s": 0.5, "compare": False}
     (named,), discover_named = calls[1]
     assert [(s.name, s.path) for s in named] == [("later", runs / "later")]  # named twice, followed once
-    assert discover_named["discover_root"] is None
+    assert discover_named["discover_root"] is None and discover_named["compare"] is False
+    (pair,), compare_pair = calls[2]
+    assert [s.name for s in pair] == ["bliss-lm", "random-lm"] and compare_pair["compare"] is True  # side by side
 
 
 def test_dashboard_imports_no_training_code():
