@@ -44,7 +44,7 @@ def _help(doc: str | None) -> str:
 def _register() -> None:
     # Each command module imports torch and friends lazily, inside its command, so that
     # `blissctl --help` stays quick.
-    from blissctl import dashboard, demo, eval, export, pretrain, select, train_scorer
+    from blissctl import dashboard, demo, eval, export, pretrain, rounds, select, train_scorer
 
     app.command("train-scorer", help=_help(train_scorer.__doc__))(train_scorer.train_scorer_command)
     app.command("select", help=_help(select.__doc__))(select.select_command)
@@ -53,6 +53,7 @@ def _register() -> None:
     app.command("export", help=_help(export.__doc__))(export.export_command)
     app.command("dashboard", help=_help(dashboard.__doc__))(dashboard.dashboard_command)
     app.command("demo", help=_help(demo.__doc__))(demo.demo_command)
+    app.command("rounds", help=_help(rounds.__doc__))(rounds.rounds_command)
 
 
 _register()

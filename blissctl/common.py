@@ -49,3 +49,19 @@ def handles_user_errors(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def run_blissctl_stage(argv: list[str]) -> int:
+    """Run one stage of an experiment as its own ``blissctl`` process (as a user would), its output
+    straight to the terminal; the stage dies with this process (``kill -9`` of the experiment leaves
+    nothing running, and ``--resume`` finds each stage as it was left)."""
+    import os
+    import signal
+    import subprocess
+
+    from engine.runtime import die_with_parent
+
+    parent = os.getpid()
+    return subprocess.run([sys.executable, "-m", "blissctl", *argv],
+                          preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM)).returncode
+

@@ -11,22 +11,15 @@ Example: blissctl demo --runs-dir /tmp/runs --scorer-steps 60 --tokens 800k --fo
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from blissctl.common import console, handles_user_errors
+from blissctl.common import console, handles_user_errors, run_blissctl_stage
 
 Opt = typer.Option
-
-
-def run_blissctl(argv: list[str]) -> int:
-    """Run one stage as its own process (as a user would), output straight to the terminal."""
-    return subprocess.run([sys.executable, "-m", "blissctl", *argv]).returncode
 
 
 def _announce(number: int, total: int, stage, argv: list[str] | None) -> None:
@@ -95,7 +88,7 @@ def _num(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _parse_amount(text: str) -> int:
+def _parse_amount(text: str, flag: str = "--tokens") -> int:
     from engine.errors import UserError
     from engine.select.budget import parse_budget
 
@@ -104,7 +97,7 @@ def _parse_amount(text: str) -> int:
     except UserError:
         budget = None
     if budget is None or budget.amount is None:
-        raise UserError(f"--tokens {text!r}: give an amount of tokens such as 400k or 1M")
+        raise UserError(f"{flag} {text!r}: give an amount of tokens such as 400k or 1M")
     return int(budget.amount)
 
 
@@ -140,7 +133,7 @@ def demo_command(
     )
     stages = prepare_demo(settings, runs_dir, force=force)
     started = time.perf_counter()
-    run_stages(stages, runner=lambda argv: run_blissctl(argv),
+    run_stages(stages, runner=run_blissctl_stage,
                announce=lambda number, stage, argv: _announce(number, len(stages), stage, argv))
     elapsed = time.perf_counter() - started
     result = comparison(settings, runs_dir)

@@ -10,7 +10,7 @@ already run (the run directory contract), so a rerun continues where the last on
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,19 +36,24 @@ REFERENCE_ARM = "random"
 # ---- the command line of each stage ----------------------------------------------------------------
 
 
-def train_scorer_argv(*, train: str, val: str, run: str, runs_dir: Path, proxy: str, steps: int,
-                      warmup_steps: int, seq_len: int, batch_size: int, seed: int,
+def repeated(flag: str, values: str | Sequence[str]) -> list[str]:
+    """``--flag a --flag b`` for each value (one value may be given as a plain string)."""
+    return [item for value in ([values] if isinstance(values, str) else values) for item in (flag, str(value))]
+
+
+def train_scorer_argv(*, train: str | Sequence[str], val: str, run: str, runs_dir: Path, proxy: str, steps: int,
+                      warmup_steps: int, seq_len: int, batch_size: int, seed: int, device: str = "cpu",
                       extra: tuple[str, ...] = ()) -> list[str]:
-    return ["train-scorer", "--train", train, "--val", val, "--run", run, "--runs-dir", str(runs_dir),
+    return ["train-scorer", *repeated("--train", train), "--val", val, "--run", run, "--runs-dir", str(runs_dir),
             "--proxy", proxy, "--steps", str(steps), "--warmup-steps", str(warmup_steps), "--seq-len", str(seq_len),
             "--batch-size", str(batch_size), "--val-batch-size", str(batch_size), "--seed", str(seed),
-            "--device", "cpu", *extra]
+            "--device", device, *extra]
 
 
-def scorer_flags(arm: str, *, scorer_run: Path, val: str, chunks: int) -> list[str]:
-    """How each arm scores: BLISS with the scorer run's score model, the others with its tokenizer, so
-    that every arm counts the same tokens."""
-    tokenizer = str(scorer_run / "tokenizer.json")
+def scorer_flags(arm: str, *, scorer_run: Path, val: str, chunks: int, tokenizer: Path | None = None) -> list[str]:
+    """How each arm scores: BLISS with the scorer run's score model, the others with its tokenizer (or
+    ``tokenizer``), so that every arm counts the same tokens."""
+    tokenizer = str(tokenizer or scorer_run / "tokenizer.json")
     if arm == "bliss":
         return ["--scorer", "bliss", "--scorer-run", scorer_run.name, "--chunks", str(chunks)]
     if arm == "perplexity":
@@ -60,25 +65,26 @@ def scorer_flags(arm: str, *, scorer_run: Path, val: str, chunks: int) -> list[s
     raise UserError(f"unknown arm {arm!r}: choose bliss, random, dsir or perplexity")
 
 
-def select_argv(*, arm: str, train: str, val: str, budget: str, run: str, runs_dir: Path, scorer_run: Path,
-                seq_len: int, seed: int, chunks: int = 1, exact_token_counts: bool = False,
-                extra: tuple[str, ...] = ()) -> list[str]:
-    return ["select", "--input", train, "--budget", budget,
-            *scorer_flags(arm, scorer_run=scorer_run, val=val, chunks=chunks), "--seq-len", str(seq_len),
+def select_argv(*, arm: str, train: str | Sequence[str], val: str, budget: str, run: str, runs_dir: Path,
+                scorer_run: Path, seq_len: int, seed: int, chunks: int = 1, exact_token_counts: bool = False,
+                tokenizer: Path | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["select", *repeated("--input", train), "--budget", budget,
+            *scorer_flags(arm, scorer_run=scorer_run, val=val, chunks=chunks, tokenizer=tokenizer),
+            "--seq-len", str(seq_len),
             *(["--exact-token-counts"] if exact_token_counts else []), "--seed", str(seed), "--run", run,
             "--runs-dir", str(runs_dir), *extra]
 
 
 def pretrain_argv(*, data: Path, run: str, runs_dir: Path, size: str, val: str, seq_len: int, batch_tokens: int,
-                  steps: int, eval_every: int, seed: int, micro_batch: int | None = None,
+                  steps: int, eval_every: int, seed: int, micro_batch: int | None = None, device: str = "cpu",
                   extra: tuple[str, ...] = ()) -> list[str]:
     """The same model, schedule and token count for every arm: only ``data`` differs."""
     micro = micro_batch or batch_tokens // seq_len
     return ["pretrain", "--data", str(data), "--run", run, "--runs-dir", str(runs_dir), "--size", size, "--val", val,
             "--seq-len", str(seq_len), "--global-batch-tokens", str(batch_tokens), "--micro-batch", str(micro),
             "--steps", str(steps), "--eval-every", str(eval_every), "--log-every", str(eval_every),
-            "--save-every", str(steps), "--keep", "1", "--seed", str(seed), "--device", "cpu", "--nproc-per-node", "1",
-            *extra]
+            "--save-every", str(steps), "--keep", "1", "--seed", str(seed), "--device", device,
+            *(["--nproc-per-node", "1"] if device == "cpu" else []), *extra]
 
 
 def eval_argv(*, checkpoint: Path, val: str) -> list[str]:
@@ -144,6 +150,10 @@ class Stage:
     done: Callable[[], bool]
     resumable: Callable[[], bool] = lambda: False
     timing: dict = field(default_factory=dict)
+    round: int = 0
+    """Which round of ``blissctl rounds`` it belongs to (the demo has one)."""
+    role: str = ""
+    """What it does in its round: ``select``, ``pretrain``, ``proxy``, ``train-scorer``, ``eval``."""
 
 
 def pinned_threads() -> tuple[str, ...]:
@@ -226,10 +236,11 @@ def prepare_demo(settings: DemoSettings, runs_dir: Path, *, force: bool) -> list
 
 
 def run_stages(stages: list[Stage], runner: Callable[[list[str]], int],
-               announce: Callable[[int, Stage, list[str] | None], None]) -> None:
+               announce: Callable[[int, Stage, list[str] | None], None],
+               finished: Callable[[Stage], None] | None = None) -> None:
     """Run each stage not yet done, in order (``--resume`` where it stopped half-way); ``announce`` is
-    told of each (with the argv it runs, or None when it is already done). A failed stage stops the
-    experiment with one line."""
+    told of each (with the argv it runs, or None when it is already done), ``finished`` of each that ran
+    to its end. A failed stage stops the experiment with one line."""
     import resource
 
     def children_cpu_s() -> float:
@@ -247,7 +258,9 @@ def run_stages(stages: list[Stage], runner: Callable[[list[str]], int],
         stage.timing = {"wall_s": time.perf_counter() - wall, "cpu_s": children_cpu_s() - cpu}
         if code != 0:
             raise UserError(f"stage {number} ({argv[0]}) failed with exit status {code}; see its messages above. "
-                            "Run the demo again to continue from there, or with --force to start over")
+                            "Run the same command again to continue from there, or with --force to start over")
+        if finished is not None:
+            finished(stage)
 
 
 def comparison(settings: DemoSettings, runs_dir: Path, arms: tuple[str, ...] = DEMO_ARMS) -> dict:

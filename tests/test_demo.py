@@ -83,7 +83,7 @@ class FakeStages:
 @pytest.fixture
 def fake(monkeypatch):
     stages = FakeStages()
-    monkeypatch.setattr(demo, "run_blissctl", stages)
+    monkeypatch.setattr(demo, "run_blissctl_stage", stages)
     return stages
 
 
@@ -131,12 +131,12 @@ def test_a_failed_stage_is_one_line_and_the_rerun_continues(tmp_path, fake, monk
     def broken(argv):
         return 1 if argv[0] == "pretrain" else fake(argv)
 
-    monkeypatch.setattr(demo, "run_blissctl", broken)
+    monkeypatch.setattr(demo, "run_blissctl_stage", broken)
     result = runner.invoke(app, ["demo", "--runs-dir", str(tmp_path), "--tokens", "16k"])
     assert result.exit_code == 2
     assert "stage 4 (pretrain) failed" in result.output and "Traceback" not in result.output
 
-    monkeypatch.setattr(demo, "run_blissctl", fake)
+    monkeypatch.setattr(demo, "run_blissctl_stage", fake)
     done_before = len(fake.calls)
     assert runner.invoke(app, ["demo", "--runs-dir", str(tmp_path), "--tokens", "16k"]).exit_code == 0
     assert [c[0] for c in fake.calls[done_before:]] == ["pretrain", "pretrain", "eval", "eval"]

@@ -1,0 +1,224 @@
+"""``blissctl rounds``: the pool split, the plan of stages, bad input, and an end-to-end run whose resume
+after ``kill -9`` gives exactly the uninterrupted result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import torch
+
+from engine.data.pool_split import choose_mode, document_part, split_pool
+from engine.data.sources import discover_shards, read_documents
+from engine.errors import UserError
+from engine.models.torch_files import load_torch_file
+from engine.rounds import RoundsSettings, dry_run_plan, plan_rounds
+from tests.conftest import make_records, write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pool_of(folder: Path, shards: int, docs: int, seed: int = 0) -> list[Path]:
+    return [write_shard(folder / f"pool-{k:02d}.jsonl.zst", make_records(docs, seed=seed + k)) for k in range(shards)]
+
+
+# --- the split ------------------------------------------------------------------------------------------
+
+
+def test_a_pool_of_many_shards_is_dealt_round_robin_by_shard(tmp_path):
+    shards = pool_of(tmp_path / "pool", 6, 5)
+    split = split_pool((str(tmp_path / "pool"),), 3, tmp_path / "exp")
+    assert split.mode == "shard" and split.documents is None
+    assert split.parts == tuple(tuple(str(p) for p in shards[k::3]) for k in range(3))
+    assert not (tmp_path / "exp" / "pool").exists()  # nothing copied
+    recorded = orjson.loads((tmp_path / "exp" / "pool-split.json").read_bytes())
+    assert recorded["mode"] == "shard"
+    assert choose_mode(8, 3) == "hash" and choose_mode(12, 3) == "shard" and choose_mode(4, 3) == "hash"
+
+
+def test_few_shards_are_split_by_hash_of_document_id_disjointly_and_completely(tmp_path):
+    pool_of(tmp_path / "pool", 2, 150)
+    (tmp_path / "pool" / "pool-00.jsonl.zst").rename(tmp_path / "pool" / "a.jsonl.zst")  # labels, not order
+    split = split_pool((str(tmp_path / "pool"),), 3, tmp_path / "exp", seed=7)
+    assert split.mode == "hash" and sum(split.documents) == 300 and min(split.documents) >= 32
+    seen = {}
+    for k, files in enumerate(split.parts):
+        for doc in read_documents([Path(f) for f in files]):
+            assert doc.record["url"] not in seen
+            seen[doc.record["url"]] = k
+    assert len(seen) == 300
+    # A document's part is a function of its id alone: the same seed gives the same split again.
+    originals = discover_shards(str(tmp_path / "pool"))
+    for shard in originals:
+        for doc in read_documents([shard]):
+            assert seen[doc.record["url"]] == document_part(shard.name, doc.line, 3, 7)
+    again = split_pool((str(tmp_path / "pool"),), 3, tmp_path / "exp-again", seed=7)
+    assert again.documents == split.documents
+
+
+def test_a_pool_too_small_for_the_rounds_is_one_line(tmp_path):
+    pool_of(tmp_path / "pool", 1, 40)
+    with pytest.raises(UserError, match="too small for 3 parts"):
+        split_pool((str(tmp_path / "pool"),), 3, tmp_path / "exp")
+    with pytest.raises(UserError, match="--split shard"):
+        split_pool((str(tmp_path / "pool"),), 3, tmp_path / "exp2", mode="shard")
+
+
+# --- the plan -------------------------------------------------------------------------------------------
+
+
+def settings(pool: str, val: str, **changes) -> RoundsSettings:
+    base = dict(pool=(pool,), val=val, rounds=1, round_tokens=8192, batch_tokens=1024, seq_len=64, proxy_steps=4,
+                scorer_steps=2, scorer_seq_len=32, scorer_batch_size=4, inner_steps=2, eval_points=2, chunks=1,
+                budget="40%")
+    return RoundsSettings(**{**base, **changes})
+
+
+def test_the_plan_follows_the_method_round_by_round(tmp_path):
+    exp = tmp_path / "exp"
+    stages = plan_rounds(settings("pool", "val.jsonl", rounds=2), exp, None)
+    assert [(s.round, s.role, s.run_dir.name) for s in stages] == [
+        (0, "select", "r0-select"), (0, "pretrain", "r0-lm"), (0, "proxy", "r0-proxy"),
+        (1, "train-scorer", "r1-scorer"), (1, "select", "r1-select"), (1, "pretrain", "r1-lm"),
+        (2, "train-scorer", "r2-scorer"), (2, "select", "r2-select"), (2, "pretrain", "r2-lm")]
+    argv = {s.run_dir.name: s.argv for s in stages}
+
+    def value(run, flag):
+        return argv[run][argv[run].index(flag) + 1]
+
+    assert "--scorer" in argv["r0-select"] and value("r0-select", "--scorer") == "random"
+    assert "--tokenizer" not in argv["r0-select"]  # round 0 trains the experiment's tokenizer
+    # The proxy is reset to round 0's at every round; the score model goes on; the latest model is the target.
+    assert value("r1-scorer", "--proxy-init") == value("r2-scorer", "--proxy-init") == str(exp / "r0-proxy")
+    assert "--score-init" not in argv["r1-scorer"] and value("r2-scorer", "--score-init") == str(exp / "r1-scorer")
+    assert value("r1-scorer", "--target") == str(exp / "r0-lm") and value("r2-scorer", "--target") == str(exp / "r1-lm")
+    assert value("r2-scorer", "--warmup-steps") == "0"
+    # Pretraining continues the model at a constant rate halved each round, with an evaluation branch.
+    assert value("r1-lm", "--init-from") == str(exp / "r0-lm") and value("r2-lm", "--init-from") == str(exp / "r1-lm")
+    assert [float(value(f"r{r}-lm", "--lr")) for r in range(3)] == [1e-3, 5e-4, 2.5e-4]
+    assert {value(f"r{r}-lm", "--lr-schedule") for r in range(3)} == {"constant"}
+    assert value("r1-lm", "--decay-steps") == "1"  # a tenth of 8 steps, at least one
+    # Each round reads its own part.
+    assert value("r1-select", "--input").endswith("part-1") and value("r2-scorer", "--train").endswith("part-2")
+
+    random_arm = plan_rounds(settings("pool", "val.jsonl", rounds=2, scorer="random"), exp, None)
+    assert [s.role for s in random_arm] == ["select", "pretrain"] * 3
+    assert all(s.argv[s.argv.index("--scorer") + 1] == "random" for s in random_arm if s.role == "select")
+    once = plan_rounds(settings("pool", "val.jsonl", rounds=2, scorer_rounds=1), exp, None)
+    assert [s.run_dir.name for s in once if s.role == "train-scorer"] == ["r1-scorer"]
+    r2 = next(s for s in once if s.run_dir.name == "r2-select")
+    assert r2.argv[r2.argv.index("--scorer-run") + 1] == "r1-scorer"
+
+
+def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
+    pool_of(tmp_path / "pool", 2, 100)
+    lines = dry_run_plan(settings(str(tmp_path / "pool"), str(tmp_path / "pool" / "pool-00.jsonl.zst")),
+                         tmp_path / "runs" / "exp")
+    assert len(lines) == 6 and all(line.startswith("blissctl ") for line in lines)
+    assert not (tmp_path / "runs").exists()
+    result = subprocess.run([sys.executable, "-m", "blissctl", "rounds", "--pool", str(tmp_path / "pool"),
+                             "--runs-dir", str(tmp_path / "runs"), "--dry-run"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout.count("blissctl ") == 9
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"rounds": 0}, "--rounds"), ({"scorer": "magic"}, "--scorer"), ({"budget": "150%"}, "budget"),
+    ({"lr_factor": 2.0}, "--lr-factor"), ({"batch_tokens": 100}, "--batch-tokens"), ({"size": "9b"}, "size"),
+])
+def test_bad_settings_are_one_line(changes, message):
+    with pytest.raises(UserError, match=message):
+        settings("pool", "val", **changes)
+
+
+# --- end to end -----------------------------------------------------------------------------------------
+
+
+def rounds_command(pool: Path, val: Path, runs: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "blissctl", "rounds", "--pool", str(pool), "--val", str(val), "--runs-dir", str(runs),
+            "--run", "exp", "--rounds", "1", "--round-tokens", "4k", "--batch-tokens", "1024", "--seq-len", "64",
+            "--proxy-steps", "3", "--scorer-steps", "3", "--scorer-seq-len", "32", "--scorer-batch-size", "4",
+            "--inner-steps", "2", "--eval-points", "1", "--chunks", "1", "--budget", "40%", "--threads", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def small_experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds")
+    pool_of(root / "pool", 2, 120, seed=40)
+    val = write_shard(root / "val.jsonl", make_records(16, seed=90))
+    return root, root / "pool", val
+
+
+def test_an_experiment_killed_anywhere_resumes_to_exactly_the_uninterrupted_result(small_experiment):
+    root, pool, val = small_experiment
+    reference = root / "reference"
+    done = subprocess.run(rounds_command(pool, val, reference), capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    expected = orjson.loads((reference / "exp" / "rounds-result.json").read_bytes())
+    assert [r["round"] for r in expected["rounds"]] == [0, 1]
+    assert all(r["val_loss"] is not None and r["val_loss_main"] is not None for r in expected["rounds"])
+    assert expected["rounds"][1]["tokens"] == 2 * 4096  # the model went on from round 0
+    assert expected["rounds"][1]["score_model"] == "r1-scorer" and expected["rounds"][1]["scorer"] == "bliss"
+    assert "rounds" in done.stdout and "val loss (decayed)" in done.stdout
+
+    # The same experiment, killed with SIGKILL once round 1's score model has a checkpoint (mid-stage).
+    killed = root / "killed"
+    proc = subprocess.Popen(rounds_command(pool, val, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT, start_new_session=True)
+    marker = killed / "exp" / "r1-scorer" / "checkpoints" / "train-scorer-state.pt"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)
+    assert not _processes_writing(killed), "a stage outlived the experiment it belonged to"
+    assert not (killed / "exp" / "rounds-result.json").exists()
+
+    refused = subprocess.run(rounds_command(pool, val, killed), capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run(rounds_command(pool, val, killed, "--resume"), capture_output=True, text=True, cwd=ROOT,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "already done" in resumed.stdout
+    got = orjson.loads((killed / "exp" / "rounds-result.json").read_bytes())
+    for row_expected, row_got in zip(expected["rounds"], got["rounds"], strict=True):
+        for key in ("val_loss", "val_loss_main", "tokens", "documents_kept", "tokens_kept", "threshold", "composition"):
+            assert row_got[key] == row_expected[key], (row_got["round"], key)
+    for stage in ("r1-lm/checkpoints", "r1-lm/decayed/checkpoints"):
+        a = _latest_weights(reference / "exp" / stage)
+        b = _latest_weights(killed / "exp" / stage)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # Other settings on the same experiment are refused, naming what changed.
+    other = subprocess.run(rounds_command(pool, val, killed, "--budget", "30%", "--resume"), capture_output=True,
+                           text=True, cwd=ROOT, timeout=120)
+    assert other.returncode == 2 and "--budget" in other.stderr
+
+
+def _latest_weights(checkpoints: Path) -> dict:
+    name = (checkpoints / "latest").read_text().strip()
+    return load_torch_file(checkpoints / name / "model.pt", what="model")
+
+
+def _processes_writing(folder: Path) -> list[int]:
+    """Pids whose command line names ``folder`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(folder) in cmdline:
+                found.append(int(entry.name))
+    return found
