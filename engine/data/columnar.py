@@ -182,6 +182,26 @@ def _decoded(column: pa.Array, skips) -> list[Any]:
     return out
 
 
+def column_values(column: pa.Array) -> list[Any]:
+    """A column as Python values; a string column that is not valid UTF-8 (parquet does not check) has
+    its bad bytes replaced rather than failing the whole batch."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        kind = column.type
+        if pa.types.is_dictionary(kind):
+            column, kind = column.dictionary_decode(), kind.value_type
+        raw = column.view(pa.large_binary() if pa.types.is_large_string(kind) else pa.binary()).to_pylist()
+        return [None if v is None else v.decode("utf-8", "replace") for v in raw]
+
+
+def batch_records(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """The rows of a batch as dicts, column by column (``column_values``)."""
+    names = batch.schema.names
+    columns = [column_values(batch.column(i)) for i in range(batch.num_columns)]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)] if columns else []
+
+
 def text_bytes(column: pa.Array) -> int:
     """UTF-8 bytes of a text column (what MB/s counts), without converting it to Python."""
     try:
@@ -219,9 +239,10 @@ def iter_documents(location: Location, kind: str, skips, text_field: str
         text_column_check(rows.schema, text_field, location)
         for row, batch in rows.batches():
             texts = valid_texts(batch.column(text_field), skips)
-            records = batch.to_pylist()
+            records = batch_records(batch)
             for i, text in enumerate(texts):
                 if text is not None:
+                    records[i][text_field] = text
                     yield row + i, text, records[i]
 
 

@@ -104,14 +104,14 @@ def expand_url(spec: str, supported) -> list[str]:
         elif fs.isdir(path):
             saved = saved_dataset_files(lambda name: fs.cat_file(f"{path.rstrip('/')}/{name}"), spec)
             if saved is not None:
-                return [f"{spec.rstrip('/')}/{name}" for name in saved]
+                return [fs.unstrip_protocol(f"{path.rstrip('/')}/{name}") for name in saved]
             matches = [p for p in fs.find(path) if supported(p)]
             if not matches:
                 raise UserError(f"no supported input files in folder {spec}")
         elif fs.isfile(path):
             if not supported(path):
                 raise UserError(f"{spec}: unsupported file type")
-            return [spec]
+            matches = [path]
         else:
             raise UserError(f"input not found: {spec}")
     except (OSError, ValueError) as error:  # no network, no credentials, a bad bucket name

@@ -78,10 +78,10 @@ def kept_records(job: WriteJob) -> Iterator[dict[str, Any]]:
     """The kept documents of any shard as whole records (every field or column)."""
     kind = source_has_rows(job)
     if kind is not None:
-        from engine.data.columnar import kept_batches
+        from engine.data.columnar import batch_records, kept_batches
 
         for batch in kept_batches(as_location(job.source), kind, job.kept_lines):
-            yield from batch.to_pylist()
+            yield from batch_records(batch)
         return
     skips = SkipCounts()
     for raw in kept_raw_lines(job):
