@@ -101,6 +101,8 @@ def expand_url(spec: str, supported) -> list[str]:
             matches = [p for p in fs.glob(path) if fs.isfile(p) and supported(p)]
             if not matches:
                 raise UserError(f"no input files match {spec}")
+        elif supported(path) and fs.isfile(path):  # first: over https, asking isdir would fetch the file
+            matches = [path]
         elif fs.isdir(path):
             saved = saved_dataset_files(lambda name: fs.cat_file(f"{path.rstrip('/')}/{name}"), spec)
             if saved is not None:
@@ -109,9 +111,7 @@ def expand_url(spec: str, supported) -> list[str]:
             if not matches:
                 raise UserError(f"no supported input files in folder {spec}")
         elif fs.isfile(path):
-            if not supported(path):
-                raise UserError(f"{spec}: unsupported file type")
-            matches = [path]
+            raise UserError(f"{spec}: unsupported file type")
         else:
             raise UserError(f"input not found: {spec}")
     except (OSError, ValueError) as error:  # no network, no credentials, a bad bucket name
