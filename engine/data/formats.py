@@ -23,7 +23,7 @@ from engine.errors import UserError
 
 READ_CHUNK = 1 << 20  # compressed bytes read at a time: large enough to amortise Python overhead
 OUTPUT_SUFFIX = ".jsonl.zst"
-"""What ``select`` writes, whatever it read: zstd JSON Lines, the kept lines byte for byte."""
+"""What ``select`` writes by default, whatever it read: zstd JSON Lines, the kept lines byte for byte."""
 
 
 class ReadPosition:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.data.formats import OUTPUT_FORMATS
+from engine.data.formats import output_format as output_format_entry
 from engine.data.tokenizer import DEFAULT_VOCAB_SIZE
 from engine.errors import UserError
 from engine.run_dir import check_config_integers
@@ -93,8 +93,7 @@ class SelectConfig:
             raise UserError(f"--batch-size {self.batch_size}: must be at least 1")
         if not self.text_field or self.text_field != self.text_field.strip():
             raise UserError(f"--text-field {self.text_field!r}: name the field or column that holds the text")
-        if self.output_format not in OUTPUT_FORMATS:
-            raise UserError(f"--output-format {self.output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+        output_format_entry(self.output_format)  # a one-line error naming the choices
         parse_budget(self.budget)  # fail on the flag, before any work
 
     @property

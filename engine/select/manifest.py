@@ -192,6 +192,7 @@ def render_markdown(manifest: dict[str, Any]) -> str:
         f"- skipped lines: {manifest['skipped']['total']:,} "
         + ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items() if k != "total" and v),
         f"- score threshold (lowest kept score): {manifest['score_threshold']}",
+        f"- output: {manifest.get('output_format', 'jsonl.zst')}, {len(manifest['outputs'])} file(s) in selected/",
         "",
     ]
     if manifest["by_source"]:

@@ -212,3 +212,52 @@ def test_kept_row_lookup_skips_row_groups_with_nothing_kept(tmp_path):
     assert got.column("text").to_pylist() == [make_records(300, seed=4)[i]["text"] for i in wanted]
     with open_rows(path, "parquet") as rows:
         assert rows.row_group_rows() == [50] * 6
+
+
+def test_scoring_reads_only_the_text_columns_of_a_parquet_file(tmp_path, monkeypatch):
+    """Streaming, by range: a wide column select does not need is never fetched (what a URL's reads cost)."""
+    import os
+
+    import engine.data.columnar as columnar
+
+    records = make_records(400, seed=8)
+    table = pa.table({"text": [r["text"] for r in records], "source": [r["source"] for r in records],
+                      "blob": [os.urandom(2000) for _ in records]})  # incompressible: most of the file
+    path = tmp_path / "wide.parquet"
+    pq.write_table(table, path, row_group_size=100)
+    fetched = []
+    real_open = columnar.open_input
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, *args):
+            data = self.f.read(*args)
+            fetched.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(columnar, "open_input", lambda location: Counting(real_open(location)))
+    got, _, _ = records_of(path)
+    assert [t for _, t, _ in got] == [r["text"] for r in records]
+    assert 0 < sum(fetched) < 0.3 * path.stat().st_size
+
+
+def test_an_arrow_ipc_file_reads_like_the_stream_datasets_writes(tmp_path):
+    rows = rows_with_bad_ones(60, seed=9)
+    texts = [r["text"].encode() if isinstance(r["text"], str) else r["text"] for r in rows]
+    table = pa.table({"text": pa.array(texts, pa.binary()).view(pa.string()),
+                      "source": [r["source"] for r in rows]})
+    with pa.ipc.new_file(tmp_path / "f.arrow", table.schema) as out:  # the IPC file format (Feather 2)
+        for batch in table.to_batches(max_chunksize=25):
+            out.write_batch(batch)
+    with pa.ipc.new_stream(tmp_path / "s.arrow", table.schema) as out:
+        out.write_table(table, max_chunksize=25)
+    lines = write_shard(tmp_path / "same.jsonl", [jsonl_line(r) for r in rows])
+    expected, skips, _ = records_of(lines)
+    for name in ("f.arrow", "s.arrow"):
+        got, arrow_skips, tally = records_of(tmp_path / name)
+        assert got == expected and arrow_skips.as_dict() == skips.as_dict() and tally.lines == 60
