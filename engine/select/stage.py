@@ -307,9 +307,8 @@ class Selection:
         for part in all_gather(self.ranks, summaries):
             everyone.update(part)
         # Every rank's files, in shard order: a joined format (megatron) is joined here, on rank 0.
-        files = dict(zip((i for i in mine if summaries[i].output), ((j.output, n) for j, n in zip(jobs, written,
-                                                                                                  strict=True)),
-                         strict=True))
+        with_output = [i for i in mine if summaries[i].output]  # the shards of ``jobs``, in the same order
+        files = {i: (job.output, n) for i, job, n in zip(with_output, jobs, written, strict=True)}
         every_file: dict[int, tuple[str, int]] = {}
         for part in all_gather(self.ranks, files):
             every_file.update(part)
