@@ -24,7 +24,7 @@ Opt = typer.Option
 
 @handles_user_errors
 def pretrain_command(
-    data: Annotated[list[str] | None, Opt("--data", metavar="PATH", help="A select output (runs/NAME/selected) or JSONL shards: file, folder or glob; repeatable.")] = None,  # noqa: E501
+    data: Annotated[list[str] | None, Opt("--data", metavar="PATH", help="A select output (runs/NAME/selected, a Megatron one too) or JSONL/parquet shards: file, folder or glob; repeatable. A Megatron/GPT-NeoX dataset: its PREFIX (PREFIX.bin + PREFIX.idx), e.g. --data runs/NAME/selected/subset_text_document.")] = None,  # noqa: E501
     run: Annotated[str, Opt("--run", help="Run name: everything goes to RUNS_DIR/RUN.")] = "pretrain",
     runs_dir: Annotated[Path, Opt("--runs-dir", help="Folder holding the runs.")] = Path("runs"),
     size: Annotated[str | None, Opt("--size", help="Model preset: tiny, 14m, 31m, 70m, 160m, 410m, 1b, 1.4b, 2.8b, llama-0.5b. Default: 160m.")] = None,  # noqa: E501

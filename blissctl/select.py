@@ -1,6 +1,6 @@
 """Score every document of a pool and keep the best under a budget.
 
-Streams compressed JSONL shards (C4's *.json.gz, *.jsonl.zst, *.jsonl) through a scorer, keeps the best documents under the budget exactly (bounded top-k, ties broken by document id) and writes them, byte for byte, to runs/NAME/selected/ with a manifest and a report. With no --input it selects from the embedded sample. Also runs under torchrun, each rank scoring its own shards.
+Streams input shards (C4's *.json.gz, *.jsonl.zst, *.jsonl, parquet, a Hugging Face datasets save_to_disk folder; local or s3://, gs://, hf://, https://) through a scorer, keeps the best documents under the budget exactly (bounded top-k, ties broken by document id) and writes them, byte for byte, to runs/NAME/selected/ (or as parquet, or tokenised for Megatron/GPT-NeoX: --output-format) with a manifest and a report. With no --input it selects from the embedded sample. Also runs under torchrun, each rank scoring its own shards.
 
 Example: blissctl select --input 'c4/en/c4-train.*.json.gz' --budget 30% --run c4-random
 
@@ -9,6 +9,8 @@ Example: blissctl select --input pool/ --budget 2M --scorer bliss --scorer-run m
 Example: blissctl select --input pool/ --budget 30% --scorer dsir --val target.jsonl.zst --run c4-dsir
 
 Example: torchrun --nproc-per-node 8 -m blissctl select --input pool/ --budget 20% --name big
+
+Example: blissctl select --input 's3://bucket/fineweb/*.parquet' --text-field text --output-format megatron --run fw
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _default_run_name(scorer: str, budget: str) -> str:
 def select_command(
     input: Annotated[
         list[str] | None,
-        typer.Option("--input", "-i", metavar="PATH", help="File, folder or glob of input shards (repeatable). Default: the embedded sample."),
+        typer.Option("--input", "-i", metavar="PATH", help="File, folder, glob or URL (s3://, gs://, hf://, https://) of input shards: JSONL (.json.gz, .jsonl.zst, .jsonl), .parquet, or a datasets save_to_disk folder (repeatable). Default: the embedded sample."),
     ] = None,
     budget: Annotated[str, typer.Option(help="Share of the pool (30%) or an amount (2M, 500k, 10000) in --unit.")] = "30%",
     run: Annotated[
@@ -69,6 +71,19 @@ def select_command(
     exact_token_counts: Annotated[
         bool, typer.Option(help="Tokenise whole documents for exact token counts (slower).")
     ] = False,
+    # --- where the data is read from and written to
+    text_field: Annotated[
+        str,
+        typer.Option(help="The field (JSONL) or column (parquet, Arrow) holding the text, e.g. --text-field content."),
+    ] = "text",
+    output_format: Annotated[
+        str,
+        typer.Option(
+            help="What selected/ holds: jsonl.zst (kept lines byte for byte), parquet (every input column) or "
+            "megatron (the subset tokenised with the run's tokenizer, subset_text_document.bin + .idx, for "
+            "GPT-NeoX/Megatron-LM and blissctl pretrain), e.g. --output-format parquet."
+        ),
+    ] = "jsonl.zst",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run; scored shards are reused.")] = False,
     force: Annotated[bool, typer.Option(help="Discard an earlier selection of this run and start again.")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("runs"),
@@ -93,6 +108,7 @@ def select_command(
         seq_len=seq_len, chunks=chunks, batch_size=batch_size, temperature=temperature, seed=seed, workers=workers,
         tokenizer=tokenizer, vocab_size=vocab_size, exact_token_counts=exact_token_counts, resume=resume,
         force=force, val=val, threads=plan.threads if plan else threads, runs_dir=str(runs_dir),
+        text_field=text_field, output_format=output_format,
     )
     run_dir = RunDir.named(_default_run_name(scorer, budget) if run is None else run, runs_dir)
     if plan is not None and is_main_process():

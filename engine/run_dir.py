@@ -317,12 +317,16 @@ def failure_message(error: BaseException) -> str:
 # What each stage writes, by name, inside its run: the only things --force and demo --force remove.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "select": ("scores/*.scores.npz", "selected/*.jsonl.zst", "selected/manifest.json", "report/select.md",
-               "report/select.json", "dsir-model.npz", "dsir-model.json"),
+               "report/select.json", "dsir-model.npz", "dsir-model.json",
+               # --output-format parquet and megatron (its parts while writing)
+               "selected/*.parquet", "selected/*.bin", "selected/*.idx", "selected/parts/*.bin",
+               "selected/parts/*.sizes"),
 }
 RUN_OUTPUTS = (
     "config.json", "events.jsonl", "tokenizer.json", "pretrain_config.json", LOCK_FILE, TRAINER_LOCK_FILE,
     "dsir-model.npz", "dsir-model.json",
     "scores/*.scores.npz", "selected/*.jsonl.zst", "selected/manifest.json", "report/*.md", "report/*.json",
+    "selected/*.parquet", "selected/*.bin", "selected/*.idx", "selected/parts/*.bin", "selected/parts/*.sizes",
     "checkpoints/**", "data/**", "tensorboard/**", "hf/**", "decayed/**",
 )
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from engine.data.locations import Location, as_location, fingerprint
 from engine.data.sources import SkipCounts, discover_shards, read_documents
 from engine.data.tokenizer import encode_long
 from engine.errors import UserError
@@ -42,10 +43,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def source_fingerprint(path: Path) -> dict:
-    """What must not change for a packed part to be reused: the file's identity, size and mtime."""
-    stat = path.stat()
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def source_fingerprint(path: Location) -> dict:
+    """What must not change for a packed part to be reused: the file's identity, size and mtime (a URL's
+    ETag or modification time)."""
+    return fingerprint(path)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,10 +78,61 @@ def open_packed(data_dir: Path, split: str) -> PackedData:
     if not header_path.exists():
         raise UserError(f"no packed {split} data in {data_dir} (run blissctl pretrain to prepare it)")
     header = orjson.loads(header_path.read_bytes())
-    tokens = np.memmap(data_dir / f"{split}.bin", dtype=np.dtype(header["dtype"]), mode="r")
+    # A Megatron dataset is read where it is (``use_indexed``): its .bin is already a packed token file.
+    bin_path = Path(header["bin"]) if header.get("bin") else data_dir / f"{split}.bin"
+    if not bin_path.is_file():
+        raise UserError(f"{bin_path}: the packed {split} tokens are gone (run blissctl pretrain to prepare them)")
+    tokens = np.memmap(bin_path, dtype=np.dtype(header["dtype"]), mode="r")
     if tokens.shape[0] != header["n_tokens"]:
-        raise UserError(f"{data_dir / (split + '.bin')}: {tokens.shape[0]} tokens, header says {header['n_tokens']}")
+        raise UserError(f"{bin_path}: {tokens.shape[0]} tokens, header says {header['n_tokens']}")
     return PackedData(tokens=tokens, header=header)
+
+
+def use_indexed(prefix: str, data_dir: Path, split: str, tokenizer_path: Path) -> PackedData:
+    """Train on a Megatron/GPT-NeoX indexed dataset (``PREFIX.bin`` + ``.idx``) without copying it.
+
+    Its ``.bin`` is what packing makes (documents back to back, each ended by its end-of-document token
+    when it was written with one, as ``select --output-format megatron`` does), so the header written
+    here points the trainer at it. The ids must fit the run's tokenizer; when the dataset comes from a
+    ``select`` run, its manifest's tokenizer must be this one.
+    """
+    from tokenizers import Tokenizer
+
+    from engine.data.megatron import open_indexed
+    from engine.data.tokenizer import end_of_text_id
+
+    dataset = open_indexed(prefix)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    vocab_size, eot_id = tokenizer.get_vocab_size(), end_of_text_id(tokenizer)
+    key = {"format": FORMAT_VERSION, "indexed": [source_fingerprint(Path(prefix + ".idx")),
+                                                 source_fingerprint(Path(prefix + ".bin"))],
+           "tokenizer_sha256": file_sha256(tokenizer_path)}
+    header_path = data_dir / f"{split}.json"
+    if header_path.exists() and orjson.loads(header_path.read_bytes()).get("key") == key:
+        return open_packed(data_dir, split)
+    manifest_path = Path(prefix).parent / "manifest.json"
+    if manifest_path.is_file():
+        made_with = orjson.loads(manifest_path.read_bytes()).get("megatron") or {}
+        if made_with.get("tokenizer_sha256") not in (None, key["tokenizer_sha256"]):
+            raise UserError(f"{prefix}: tokenised with another tokenizer than this run's ({tokenizer_path}); pass "
+                            "that select run's tokenizer.json with --tokenizer")
+    n_tokens = int(dataset.tokens.shape[0])
+    if n_tokens < 2:
+        raise UserError(f"{prefix}: fewer than 2 tokens to train on")
+    chunks = [dataset.tokens[i : i + (1 << 24)] for i in range(0, n_tokens, 1 << 24)]  # views, read in 16M pieces
+    top = max(int(c.max()) for c in chunks)
+    if top >= vocab_size or min(int(c.min()) for c in chunks) < 0:
+        raise UserError(f"{prefix}: token id {top} does not fit the tokenizer's {vocab_size:,} ids; pass the "
+                        "tokenizer the dataset was made with (--tokenizer)")
+    header = {
+        "key": key, "bin": str(Path(prefix + ".bin").resolve()), "dtype": dataset.dtype.name,
+        "vocab_size": vocab_size, "eot_id": eot_id, "n_tokens": n_tokens,
+        "n_documents": max(0, int(dataset.doc_idx.shape[0]) - 1), "n_bytes": None, "n_shards": 1,
+        "skipped": SkipCounts().as_dict(),
+    }
+    data_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(header_path, header)
+    return open_packed(data_dir, split)
 
 
 # --- worker side ------------------------------------------------------------------------------
@@ -126,7 +178,7 @@ def _pack_shard(job: tuple[str, str, int, str, dict]) -> dict:
                 n_tokens += int(ids.shape[0])
                 batch.clear()
 
-            for doc in read_documents([Path(shard)], skips):
+            for doc in read_documents([as_location(shard)], skips):
                 batch.append(doc.text)
                 n_docs += 1
                 n_bytes += len(doc.text.encode("utf-8"))

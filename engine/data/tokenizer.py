@@ -109,7 +109,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SI
     return tokenizer
 
 
-def training_sample(shards: Sequence[Path], max_chars: int = TRAINING_SAMPLE_CHARS) -> Iterator[str]:
+def training_sample(shards: Sequence[Path], max_chars: int = TRAINING_SAMPLE_CHARS,
+                    text_field: str = "text") -> Iterator[str]:
     """Texts for a default tokenizer: an equal share of ``max_chars`` from every shard, so that the
     vocabulary reflects the whole pool rather than its first files."""
     from engine.data.sources import read_documents
@@ -117,7 +118,7 @@ def training_sample(shards: Sequence[Path], max_chars: int = TRAINING_SAMPLE_CHA
     per_shard = max(1, max_chars // max(1, len(shards)))
     for path in shards:
         taken = 0
-        for doc in read_documents([path]):
+        for doc in read_documents([path], text_field=text_field):
             text = doc.text[:SAMPLE_CHARS_PER_DOCUMENT]
             yield text
             taken += len(text)

@@ -17,10 +17,10 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from engine.data.locations import as_location
 from engine.data.sources import ReadTally, SkipCounts, iter_text_records
 from engine.data.tokenizer import encode_long
 from engine.errors import UserError
@@ -50,6 +50,8 @@ class TokenizeSpec:
     """A scorer's part that reads the text itself (DSIR's n-grams): run here, in every worker, on each
     batch of texts; its float32 scores travel with the batch."""
     batch_docs: int = 256
+    text_field: str = "text"
+    """The field (JSONL) or column (parquet, Arrow) holding each document's text (``--text-field``)."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ def process_shard(job: ShardJob, spec: TokenizeSpec, tokenizer) -> Iterator[DocB
         return batch
 
     try:
-        for line, text, source in iter_text_records(Path(job.path), skips, tally):
+        for line, text, source in iter_text_records(as_location(job.path), skips, tally, spec.text_field):
             code = sources.get(source)
             if code is None:
                 code = len(sources) if len(sources) < MAX_SOURCES_PER_SHARD else sources.setdefault(OTHER_SOURCE, len(sources))

@@ -109,9 +109,11 @@ def resolve_config(flags: dict[str, Any], run: RunDir, *, resume: bool, notes: l
     if notes is not None:
         notes.extend(chosen)
     config = PretrainConfig(**merged)
+    from engine.data.megatron import indexed_prefix
     from engine.data.sources import discover_shards
 
-    discover_shards(list(config.data))  # a missing input is a one-line error now, not after minutes
+    if len(config.data) != 1 or indexed_prefix(config.data[0]) is None:  # a Megatron dataset is checked later
+        discover_shards(list(config.data))  # a missing input is a one-line error now, not after minutes
     if config.val:
         discover_shards(config.val)
     return config
@@ -154,6 +156,11 @@ def selected_folder_tokenizer(data: tuple[str, ...]) -> Path | None:
     if len(data) != 1:
         return None
     folder = Path(data[0])
+    if not folder.is_dir():  # a Megatron prefix inside a select output: runs/X/selected/subset_text_document
+        from engine.data.megatron import indexed_prefix
+
+        prefix = indexed_prefix(data[0])
+        folder = Path(prefix).parent if prefix is not None else folder
     if folder.is_dir() and (folder / "manifest.json").exists():
         candidate = folder.parent / "tokenizer.json"
         if candidate.exists():
@@ -174,6 +181,11 @@ def resolve_run_tokenizer(config: PretrainConfig, run: RunDir) -> Path:
         return run.tokenizer_path
     texts = None
     if spec is None:
+        from engine.data.megatron import indexed_prefix
+
+        if len(config.data) == 1 and indexed_prefix(config.data[0]) is not None:
+            raise UserError(f"--data {config.data[0]} is a Megatron dataset: name the tokenizer it was made with "
+                            "(--tokenizer)")
         texts = training_sample(discover_shards(list(config.data)))
     resolve_tokenizer(spec, run.tokenizer_path, texts)
     return run.tokenizer_path
@@ -194,12 +206,17 @@ def init_from_tokenizer(checkpoint: Path, wanted: str | Path | None) -> Path:
 
 def prepare_data(config: PretrainConfig, run: RunDir, *, workers: int | None = None, progress=None):
     """Tokenise and pack ``--data`` (and ``--val``) into ``runs/<name>/data/``; returns (train, val)."""
-    from engine.data.packing import pack_split
+    from engine.data.megatron import indexed_prefix
+    from engine.data.packing import pack_split, use_indexed
 
     tokenizer_path = resolve_run_tokenizer(config, run)
     data_dir = run.root / "data"
-    train = pack_split(list(config.data), data_dir, "train", tokenizer_path, workers=workers,
-                       on_shard_done=progress)
+    prefix = indexed_prefix(config.data[0]) if len(config.data) == 1 else None
+    if prefix is not None:  # select --output-format megatron, or any Megatron/GPT-NeoX dataset
+        train = use_indexed(prefix, data_dir, "train", tokenizer_path)
+    else:
+        train = pack_split(list(config.data), data_dir, "train", tokenizer_path, workers=workers,
+                           on_shard_done=progress)
     val = None
     if config.val:
         val = pack_split(config.val, data_dir, "val", tokenizer_path, workers=workers, leading_eot=True)

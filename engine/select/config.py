@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.data.formats import output_format as output_format_entry
 from engine.data.tokenizer import DEFAULT_VOCAB_SIZE
 from engine.errors import UserError
 from engine.run_dir import check_config_integers
@@ -21,7 +22,8 @@ class SelectConfig:
     """Everything ``blissctl select`` needs; the CLI builds it from flags."""
 
     inputs: tuple[str, ...] = ()
-    """Files, folders or globs of ``*.json.gz`` / ``*.jsonl.zst`` / ``*.jsonl``; empty: the embedded sample."""
+    """Files, folders, globs or URLs of ``*.json.gz`` / ``*.jsonl.zst`` / ``*.jsonl`` / ``*.parquet`` / a
+    ``datasets`` ``save_to_disk`` folder; empty: the embedded sample."""
     budget: str = "30%"
     """Share of the pool (``30%``) or an absolute amount (``2M``) in ``unit``."""
     unit: str = "tokens"
@@ -56,6 +58,12 @@ class SelectConfig:
     """Vocabulary of the default trained tokenizer."""
     exact_token_counts: bool = False
     """Tokenise whole documents for exact counts instead of extrapolating past the scored prefix."""
+    # --- where the data is read from and written to (issue 13: inputs and outputs)
+    text_field: str = "text"
+    """The field (JSONL) or column (parquet, Arrow) holding each document's text (``--text-field``)."""
+    output_format: str = "jsonl.zst"
+    """What ``selected/`` holds (``--output-format``): ``jsonl.zst`` (the kept lines byte for byte),
+    ``parquet`` (every input column) or ``megatron`` (the subset tokenised, ``.bin`` + ``.idx``)."""
     resume: bool = False
     """Continue an interrupted run: shards already scored are not scored again."""
     force: bool = False
@@ -83,6 +91,9 @@ class SelectConfig:
             raise UserError(f"--chunks {self.chunks}: must be at least 1")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size}: must be at least 1")
+        if not self.text_field or self.text_field != self.text_field.strip():
+            raise UserError(f"--text-field {self.text_field!r}: name the field or column that holds the text")
+        output_format_entry(self.output_format)  # a one-line error naming the choices
         parse_budget(self.budget)  # fail on the flag, before any work
 
     @property
@@ -101,6 +112,7 @@ class SelectConfig:
             "tokenizer": self.tokenizer,
             "vocab_size": self.vocab_size if self.tokenizer is None else None,
             "exact_token_counts": self.exact_token_counts,
+            "text_field": None if self.text_field == "text" else self.text_field,  # runs made before it: None
         }
 
 

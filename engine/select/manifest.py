@@ -111,6 +111,10 @@ class SelectionFacts:
     """How the token counts were made (``exact``, or exact up to the scored prefix)."""
     tokenizer: str
     world_size: int
+    output_format: str = "jsonl.zst"
+    output: dict[str, Any] | None = None
+    """What the output format wrote: ``files`` (in ``selected/``) and its own facts (``megatron``: tokens,
+    dtype, end-of-document id); None: the per-shard files of the shard summaries."""
 
 
 class ManifestBuilder:
@@ -165,7 +169,10 @@ class ManifestBuilder:
                  "output": s.output}
                 for s in shards
             ],
-            "outputs": [s.output for s in shards if s.output],
+            "outputs": ([s.output for s in shards if s.output] if facts.output is None
+                        else list(facts.output["files"])),
+            "output_format": facts.output_format,
+            **{k: v for k, v in (facts.output or {}).items() if k != "files"},
             "tokenizer": facts.tokenizer,
             "world_size": facts.world_size,
             "elapsed_s": round(elapsed_s, 2),
@@ -185,6 +192,7 @@ def render_markdown(manifest: dict[str, Any]) -> str:
         f"- skipped lines: {manifest['skipped']['total']:,} "
         + ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items() if k != "total" and v),
         f"- score threshold (lowest kept score): {manifest['score_threshold']}",
+        f"- output: {manifest.get('output_format', 'jsonl.zst')}, {len(manifest['outputs'])} file(s) in selected/",
         "",
     ]
     if manifest["by_source"]:

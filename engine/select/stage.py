@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.data.formats import output_name
+from engine.data.formats import MEGATRON_PREFIX, output_format
+from engine.data.locations import as_location, stored_size
 from engine.data.sample import sample_pool_glob
 from engine.data.sources import discover_shards, shard_labels
 from engine.data.tokenizer import resolve_tokenizer, training_sample
@@ -49,7 +50,13 @@ from engine.select.score_files import ShardScores, load_shard_scores, save_shard
 from engine.select.scorers import scorer_entry
 from engine.select.scorers.base import Scorer, ScorerContext, ShardBatch
 from engine.select.topk import TopKByWeight, rank_keys
-from engine.select.writer import WriteJob, write_selected_shards
+from engine.select.writer import (
+    OUTPUT_PATTERNS,
+    WriteJob,
+    finish_outputs,
+    shard_output,
+    write_selected_shards,
+)
 
 STAGE = "select"
 PROGRESS_EVERY_S = 1.0
@@ -116,7 +123,8 @@ def _select(config: SelectConfig, run_dir: RunDir, ranks: Runtime, report: Progr
             _check_run_state(config, run_dir, labels)
             scorer = build_scorer(config, run_dir, shards)
             spec = scorer.tokenizer_path or config.tokenizer
-            resolve_tokenizer(spec, run_dir.tokenizer_path, training_sample(shards), config.vocab_size)
+            resolve_tokenizer(spec, run_dir.tokenizer_path, training_sample(shards, text_field=config.text_field),
+                              config.vocab_size)
             run_dir.record_config(STAGE, {**_config_dict(config), "scoring_identity": config.scoring_identity(),
                                           "shards": labels})
         except BaseException as failure:
@@ -165,6 +173,8 @@ class Selection:
     report: ProgressCallback
     totals: dict[int, ShardTotals] = field(default_factory=dict)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_EDGES.size - 1, np.int64))
+    outputs: dict[str, Any] | None = None
+    """What ``write`` produced (the output format's files and facts), for the manifest."""
 
     @property
     def mine(self) -> list[int]:
@@ -268,26 +278,43 @@ class Selection:
         """Copy this rank's kept lines into the subset; every rank's shard summaries, gathered."""
         mine = self.mine
         self.report(SelectProgress("writing", 0, len(mine)))
+        chosen = output_format(self.config.output_format)
+        if self.ranks.is_main:  # what another --output-format of an earlier selection of this run left
+            self.run_dir.discard(p for name, patterns in OUTPUT_PATTERNS.items() if name != chosen.output
+                                 for p in patterns)
         jobs, summaries = [], {}
         for index in mine:
             shard = self.shard_scores(index)
             keys, _ = self.keys_and_weights(shard, index, budget)
             kept = np.ones(keys.size, bool) if cutoff is None else keys < np.uint64(cutoff)
             summary = ShardSummary.of(shard, kept)
-            output = self.run_dir.selected / output_name(self.labels[index])
-            summary.output = output.name if kept.any() else None
+            output = shard_output(self.run_dir.selected, self.labels[index], chosen)
+            # a joined format's documents end up in its one file, not in the part written on the way
+            name = output.name if chosen.output != "megatron" else f"{MEGATRON_PREFIX}.bin"
+            summary.output = name if kept.any() else None
             summaries[index] = summary
             if kept.any():
-                jobs.append(WriteJob(str(self.shards[index]), str(output), np.sort(shard.lines[kept])))
+                jobs.append(WriteJob(str(self.shards[index]), str(output), np.sort(shard.lines[kept]),
+                                     output_format=chosen.output, text_field=self.config.text_field,
+                                     tokenizer_path=str(self.run_dir.tokenizer_path)))
             else:
                 output.unlink(missing_ok=True)  # a stale file from an earlier selection of this run
         if self.ranks.is_main:
             (self.run_dir.selected / "manifest.json").unlink(missing_ok=True)
-        write_selected_shards(jobs, self.config.workers)
+        written = write_selected_shards(jobs, self.config.workers)
         self.report(SelectProgress("writing", len(mine), len(mine)))
         everyone: dict[int, ShardSummary] = {}
         for part in all_gather(self.ranks, summaries):
             everyone.update(part)
+        # Every rank's files, in shard order: a joined format (megatron) is joined here, on rank 0.
+        with_output = [i for i in mine if summaries[i].output]  # the shards of ``jobs``, in the same order
+        files = {i: (job.output, n) for i, job, n in zip(with_output, jobs, written, strict=True)}
+        every_file: dict[int, tuple[str, int]] = {}
+        for part in all_gather(self.ranks, files):
+            every_file.update(part)
+        if self.ranks.is_main:
+            self.outputs = finish_outputs(chosen, self.run_dir.selected, [every_file[i] for i in sorted(every_file)],
+                                          str(self.run_dir.tokenizer_path))
         return everyone
 
     def finish(self, summaries: dict[int, ShardSummary], budget: SelectionBudget, cutoff: int | None,
@@ -305,6 +332,7 @@ class Selection:
             token_counting=("exact" if config.exact_token_counts
                             else f"exact up to {self.scorer.max_tokens} tokens, extrapolated beyond"),
             tokenizer=str(run_dir.tokenizer_path), world_size=self.ranks.world_size,
+            output_format=config.output_format, output=self.outputs,
         ))
         for index in range(len(self.shards)):
             builder.add(summaries[index])
@@ -392,7 +420,7 @@ class ShardScoring:
         self.todo = todo
         self.on_shard_scored = on_shard_scored
         self.rates = ScoringRates()
-        self.total_stored = float(sum(Path(job.path).stat().st_size for job in todo)) or 1.0
+        self.total_stored = float(sum(stored_size(as_location(job.path)) for job in todo)) or 1.0
         self.shards_done = len(selection.totals)
         self.shards_total = len(todo) + len(selection.totals)
 
@@ -402,7 +430,7 @@ class ShardScoring:
         spec = TokenizeSpec(
             tokenizer_path=str(selection.run_dir.tokenizer_path), max_tokens=scorer.max_tokens,
             ship_tokens=scorer.needs_tokens, exact_counts=config.exact_token_counts,
-            text_scorer=scorer.text_scorer,
+            text_scorer=scorer.text_scorer, text_field=config.text_field,
         )
         if config.threads is not None and scorer.needs_tokens:  # a model scorer: torch is loaded already
             import torch

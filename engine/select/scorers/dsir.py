@@ -96,7 +96,7 @@ def build(context: ScorerContext) -> DsirScorer:
         target = read_texts(config.val)
         if not target:
             raise UserError(f"--val {config.val}: no target documents to fit DSIR on")
-        sample = list(training_sample(context.shards))  # read once for the fit and the scale
+        sample = list(training_sample(context.shards, text_field=config.text_field))  # read once: fit, scale
         model = fit_dsir(sample, target)
         scale = score_scale(model, sample[:SCALE_SAMPLE_DOCS])
         model.save(model_path)
