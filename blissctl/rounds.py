@@ -28,6 +28,7 @@ def rounds_command(
     pool: Annotated[list[str] | None, Opt("--pool", metavar="PATH", help="Candidate pool: files, folders or globs (repeatable). Default: the embedded sample.", rich_help_panel=DATA)] = None,  # noqa: E501
     val: Annotated[str | None, Opt("--val", help="Target documents the score model learns to lower the loss on. Default: the embedded narrative set.", rich_help_panel=DATA)] = None,  # noqa: E501
     eval_val: Annotated[str | None, Opt("--eval-val", help="Documents the pretrained models are evaluated on. Default: --val.", rich_help_panel=DATA)] = None,  # noqa: E501
+    tokenizer: Annotated[str | None, Opt("--tokenizer", help="tokenizer.json or hub id of every stage. Default: a BPE trained on round 0's part.", rich_help_panel=DATA)] = None,  # noqa: E501
     split: Annotated[str, Opt("--split", help="How the pool is split into rounds: shard, hash or auto.", rich_help_panel=DATA)] = "auto",  # noqa: E501
     rounds: Annotated[int, Opt("--rounds", help="Selection rounds after round 0.", rich_help_panel=ROUNDS)] = 2,
     scorer: Annotated[str, Opt("--scorer", help="bliss, or a control arm: random, dsir.", rich_help_panel=ROUNDS)] = "bliss",  # noqa: E501
@@ -77,7 +78,7 @@ def rounds_command(
         lr_factor=lr_factor, decay_steps=decay_steps, eval_points=eval_points, proxy=proxy, proxy_steps=proxy_steps,
         scorer_steps=scorer_steps, scorer_seq_len=scorer_seq_len, scorer_batch_size=scorer_batch_size,
         inner_steps=inner_steps, lr_proxy=lr_proxy, lr_scorer=lr_scorer, gamma=gamma, chunks=chunks, seed=seed,
-        device=device,
+        device=device, tokenizer=tokenizer,
     )
     exp = RunDir.named(run, runs_dir).root
     pinned = ("--threads", str(threads)) if threads is not None else pinned_threads()

@@ -108,6 +108,9 @@ class RoundsSettings:
     seed: int = 0
     device: str = "cpu"
     """``--device``: ``cpu``, ``cuda`` or ``auto`` for every stage."""
+    tokenizer: str | None = None
+    """``--tokenizer``: the experiment's tokenizer (a tokenizer.json or hub id); default: a BPE trained on
+    part 0 by round 0's select. Every stage uses round 0's saved copy."""
 
     def __post_init__(self) -> None:
         check_config_integers(self)
@@ -215,9 +218,9 @@ def plan_rounds(settings: RoundsSettings, exp: Path, split: PoolSplit | None, th
                            seed=settings.seed + r, chunks=settings.chunks, exact_token_counts=True,
                            tokenizer=tokenizer, extra=("--unit", settings.unit, "--device", _select_device(settings),
                                                        *threads))
-        if r == 0:  # round 0 trains the experiment's tokenizer on part 0 (saved in its run) instead
+        if r == 0:  # round 0 sets the experiment's tokenizer (saved in its run): the given one, or a BPE of part 0
             at = argv.index("--tokenizer")
-            del argv[at : at + 2]
+            argv[at : at + 2] = ["--tokenizer", settings.tokenizer] if settings.tokenizer else []
         stages.append(Stage(
             title=f"round {r}: select {settings.budget} of part {r} with {arm}",
             argv=argv, run_dir=select.root, round=r, role="select",

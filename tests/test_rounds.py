@@ -13,7 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from blissctl.cli import app
 from engine.data.pool_split import choose_mode, document_part, split_pool
 from engine.data.sources import discover_shards, read_documents
 from engine.errors import UserError
@@ -94,6 +96,8 @@ def test_the_plan_follows_the_method_round_by_round(tmp_path):
 
     assert "--scorer" in argv["r0-select"] and value("r0-select", "--scorer") == "random"
     assert "--tokenizer" not in argv["r0-select"]  # round 0 trains the experiment's tokenizer
+    tokenizer = str(exp / "r0-select" / "tokenizer.json")
+    assert value("r1-lm", "--data") == str(exp / "r1-select" / "selected")
     # The proxy is reset to round 0's at every round; the score model goes on; the latest model is the target.
     assert value("r1-scorer", "--proxy-init") == value("r2-scorer", "--proxy-init") == str(exp / "r0-proxy")
     assert "--score-init" not in argv["r1-scorer"] and value("r2-scorer", "--score-init") == str(exp / "r1-scorer")
@@ -110,6 +114,8 @@ def test_the_plan_follows_the_method_round_by_round(tmp_path):
     random_arm = plan_rounds(settings("pool", "val.jsonl", rounds=2, scorer="random"), exp, None)
     assert [s.role for s in random_arm] == ["select", "pretrain"] * 3
     assert all(s.argv[s.argv.index("--scorer") + 1] == "random" for s in random_arm if s.role == "select")
+    r1_random = next(s for s in random_arm if s.run_dir.name == "r1-select")
+    assert r1_random.argv[r1_random.argv.index("--tokenizer") + 1] == tokenizer  # every arm counts the same tokens
     once = plan_rounds(settings("pool", "val.jsonl", rounds=2, scorer_rounds=1), exp, None)
     assert [s.run_dir.name for s in once if s.role == "train-scorer"] == ["r1-scorer"]
     r2 = next(s for s in once if s.run_dir.name == "r2-select")
@@ -141,25 +147,26 @@ def test_bad_settings_are_one_line(changes, message):
 # --- end to end -----------------------------------------------------------------------------------------
 
 
-def rounds_command(pool: Path, val: Path, runs: Path, *extra: str) -> list[str]:
+def rounds_command(pool: Path, val: Path, runs: Path, *extra: str, tokenizer: Path) -> list[str]:
     return [sys.executable, "-m", "blissctl", "rounds", "--pool", str(pool), "--val", str(val), "--runs-dir", str(runs),
+            "--tokenizer", str(tokenizer),
             "--run", "exp", "--rounds", "1", "--round-tokens", "4k", "--batch-tokens", "1024", "--seq-len", "64",
             "--proxy-steps", "3", "--scorer-steps", "3", "--scorer-seq-len", "32", "--scorer-batch-size", "4",
             "--inner-steps", "2", "--eval-points", "1", "--chunks", "1", "--budget", "40%", "--threads", "1", *extra]
 
 
 @pytest.fixture(scope="module")
-def small_experiment(tmp_path_factory):
+def small_experiment(tmp_path_factory, small_tokenizer):
     root = tmp_path_factory.mktemp("rounds")
     pool_of(root / "pool", 2, 120, seed=40)
     val = write_shard(root / "val.jsonl", make_records(16, seed=90))
-    return root, root / "pool", val
+    return root, root / "pool", val, small_tokenizer
 
 
 def test_an_experiment_killed_anywhere_resumes_to_exactly_the_uninterrupted_result(small_experiment):
-    root, pool, val = small_experiment
+    root, pool, val, tokenizer = small_experiment
     reference = root / "reference"
-    done = subprocess.run(rounds_command(pool, val, reference), capture_output=True, text=True, cwd=ROOT, timeout=600,
+    done = subprocess.run(rounds_command(pool, val, reference, tokenizer=tokenizer), capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     expected = orjson.loads((reference / "exp" / "rounds-result.json").read_bytes())
@@ -171,7 +178,7 @@ def test_an_experiment_killed_anywhere_resumes_to_exactly_the_uninterrupted_resu
 
     # The same experiment, killed with SIGKILL once round 1's score model has a checkpoint (mid-stage).
     killed = root / "killed"
-    proc = subprocess.Popen(rounds_command(pool, val, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(rounds_command(pool, val, killed, tokenizer=tokenizer), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=ROOT, start_new_session=True)
     marker = killed / "exp" / "r1-scorer" / "checkpoints" / "train-scorer-state.pt"
     deadline = time.monotonic() + 300
@@ -184,9 +191,9 @@ def test_an_experiment_killed_anywhere_resumes_to_exactly_the_uninterrupted_resu
     assert not _processes_writing(killed), "a stage outlived the experiment it belonged to"
     assert not (killed / "exp" / "rounds-result.json").exists()
 
-    refused = subprocess.run(rounds_command(pool, val, killed), capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = subprocess.run(rounds_command(pool, val, killed, "--resume"), capture_output=True, text=True, cwd=ROOT,
+    refused = CliRunner().invoke(app, rounds_command(pool, val, killed, tokenizer=tokenizer)[3:])
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    resumed = subprocess.run(rounds_command(pool, val, killed, "--resume", tokenizer=tokenizer), capture_output=True, text=True, cwd=ROOT,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "already done" in resumed.stdout
@@ -200,9 +207,9 @@ def test_an_experiment_killed_anywhere_resumes_to_exactly_the_uninterrupted_resu
         assert all(torch.equal(a[k], b[k]) for k in a)
 
     # Other settings on the same experiment are refused, naming what changed.
-    other = subprocess.run(rounds_command(pool, val, killed, "--budget", "30%", "--resume"), capture_output=True,
-                           text=True, cwd=ROOT, timeout=120)
-    assert other.returncode == 2 and "--budget" in other.stderr
+    other = CliRunner().invoke(app, rounds_command(pool, val, killed, "--budget", "30%", "--resume",
+                                                   tokenizer=tokenizer)[3:])
+    assert other.exit_code == 2 and "--budget" in other.output
 
 
 def _latest_weights(checkpoints: Path) -> dict:
