@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow demo bench bench-quality lint clean
+.PHONY: help setup test test-slow demo demo-rounds bench bench-quality lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}'
@@ -30,6 +30,11 @@ test-slow: $(STAMP) ## run the slow tests too
 
 demo: $(STAMP) ## train-scorer, select (BLISS and random), pretrain and eval on the embedded sample (~5 min)
 	$(BIN)/blissctl demo
+
+demo-rounds: $(STAMP) ## blissctl rounds (multi-round BLISS) and its random-rounds control arm on the embedded sample
+	$(BIN)/blissctl rounds --run demo-rounds --resume
+	$(BIN)/blissctl rounds --scorer random --run demo-rounds-random --resume
+	$(BIN)/blissctl dashboard demo-rounds demo-rounds-random --once
 
 bench: $(STAMP) ## run the benchmarks in bench/ and print their figures (tens of minutes)
 	$(BIN)/pip install --quiet -e ".[test,eval,bench]"

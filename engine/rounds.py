@@ -302,8 +302,9 @@ def prepare_experiment(settings: RoundsSettings, exp: Path, *, resume: bool, for
     if force:
         clear_experiment(exp)
     if not record_path.exists():
-        if resume and exp.exists() and any(exp.iterdir()):
-            raise UserError(f"{exp} is not a blissctl rounds experiment (no {EXPERIMENT_FILE})")
+        if exp.exists() and any(p.name != ".lock" for p in exp.iterdir()):
+            raise UserError(f"{exp} exists and is not a blissctl rounds experiment (no {EXPERIMENT_FILE}); "
+                            "choose another --run")
         return {}
     record = orjson.loads(record_path.read_bytes())
     if record.get("kind") != "rounds":
@@ -384,6 +385,9 @@ def run_rounds(settings: RoundsSettings, exp: Path, *, runner: Callable[[list[st
     timings = prepare_experiment(settings, exp, resume=resume, force=force)
     exp.mkdir(parents=True, exist_ok=True)
     with RunDir(exp).lock("rounds"):
+        # The record first: an experiment killed while its pool is split is still one --resume knows.
+        if not (exp / EXPERIMENT_FILE).exists():
+            atomic_write_json(exp / EXPERIMENT_FILE, experiment_record(settings, exp.name, [], timings, None))
         split = split_pool(settings.pool, settings.parts, exp, seed=settings.seed, mode=settings.split,
                            progress=lambda label: say(f"split: {label}"))
         check_budget_leaves_rounds_something(settings, split)

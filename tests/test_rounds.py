@@ -229,3 +229,13 @@ def _processes_writing(folder: Path) -> list[int]:
             if str(folder) in cmdline:
                 found.append(int(entry.name))
     return found
+
+
+def test_rounds_never_writes_into_a_folder_that_is_not_its_experiment(tmp_path):
+    from engine.rounds import prepare_experiment
+
+    folder = tmp_path / "runs" / "demo-bliss"
+    (folder / "selected").mkdir(parents=True)
+    with pytest.raises(UserError, match="not a blissctl rounds experiment"):
+        prepare_experiment(settings("pool", "val"), folder, resume=True, force=False)
+    assert prepare_experiment(settings("pool", "val"), tmp_path / "runs" / "new", resume=True, force=False) == {}
