@@ -11,7 +11,13 @@ On ../shared/corpus/pool/ (8 shards; ``--rounds 3`` splits it by shard into 4 pa
 narrative passages split alternately into a target half (``--val``: what train-scorer and DSIR aim at)
 and an evaluation half (``--eval-val``: only ever used to measure the models), as bench/quality.py does.
 Each arm runs for every ``--seeds``; an arm-seed is one rounds experiment in WORK/ARM-sSEED, reused on a
-rerun (``blissctl rounds --resume``). Results: bench/results/quality_rounds.json and a table on stdout:
+rerun (``blissctl rounds --resume``).
+
+A second target (``--target-source SOURCE --holdout GLOB``): documents of one ``source`` taken from shards
+that are not in ``--pool`` (so held out of it), split alternately into a target and an evaluation half;
+its experiments are WORK/B-ARM-sSEED. With both targets run, the kept sets of each round are compared
+across targets (Jaccard): a method that responds to its target keeps different documents for different
+targets. Results: bench/results/quality_rounds.json and a table on stdout:
 final loss of each round's decayed evaluation branch, speed-up over random and over DSIR (tokens each
 needs to reach the reference's final main-line loss), seed spread, composition per round, and the
 selection CPU-seconds beside the pretraining CPU-seconds.
@@ -32,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import POOL, RESULTS, record, run_command  # noqa: E402
+from _common import POOL, kept_lines, overlap, record, run_command  # noqa: E402
 from quality import split_val  # noqa: E402
 
 from engine.eval.compare import speedup  # noqa: E402
@@ -41,8 +47,43 @@ ARMS = {"random": ["--scorer", "random"], "dsir": ["--scorer", "dsir"],
         "bliss-once": ["--scorer", "bliss", "--scorer-rounds", "1"], "bliss": ["--scorer", "bliss"]}
 
 
-def run_arm(args, work: Path, arm: str, seed: int, target: Path, held_out: Path) -> dict:
-    name = f"{arm}-s{seed}"
+def second_target(work: Path, source: str, holdout: str, documents: int) -> tuple[Path, Path]:
+    """Target B: the first ``documents`` documents of ``source`` in the held-out shards, alternately target
+    and evaluation."""
+    import zstandard
+
+    from engine.data.sources import discover_shards, read_documents
+
+    target, held_out = work / f"B-{source}-target.jsonl.zst", work / f"B-{source}-eval.jsonl.zst"
+    if not (target.exists() and held_out.exists()):
+        lines = []
+        for doc in read_documents(discover_shards(holdout)):
+            if doc.record.get("source") == source:
+                lines.append(orjson.dumps({"text": doc.text, "source": source}))
+                if len(lines) >= documents:
+                    break
+        if len(lines) < 20:
+            raise SystemExit(f"only {len(lines)} documents of source {source!r} in {holdout}")
+        for path, part in ((target, lines[0::2]), (held_out, lines[1::2])):
+            path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(part) + b"\n"))
+    return target, held_out
+
+
+def cross_target_overlap(work: Path, arms: list[str], seed: int, rounds: int) -> dict:
+    """Jaccard of each round's kept set for target A against target B, per arm (round 0 is random for
+    both and leaves out)."""
+    out = {}
+    for arm in arms:
+        a, b = work / f"{arm}-s{seed}", work / f"B-{arm}-s{seed}"
+        if not ((a / "rounds-result.json").exists() and (b / "rounds-result.json").exists()):
+            continue
+        out[arm] = {r: overlap(kept_lines(b / f"r{r}-select"), kept_lines(a / f"r{r}-select"))[1]
+                    for r in range(1, rounds + 1)}
+    return out
+
+
+def run_arm(args, work: Path, arm: str, seed: int, target: Path, held_out: Path, prefix: str = "") -> dict:
+    name = f"{prefix}{arm}-s{seed}"
     result_file = work / name / "rounds-result.json"
     if not result_file.exists():
         argv = [sys.executable, "-m", "blissctl", "rounds", "--pool", str(args.pool), "--val", str(target),
@@ -96,16 +137,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every stage (1: a shared machine)")
+    parser.add_argument("--target-source", help="run target B instead: documents of this source")
+    parser.add_argument("--holdout", default=str(POOL / "c4-train.0000[4-7]-of-00008.jsonl.zst"),
+                        help="shards, not in --pool, that target B's documents come from")
+    parser.add_argument("--target-documents", type=int, default=400)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more blissctl rounds flags")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    target, held_out = split_val(args.work)
+    prefix = "B-" if args.target_source else ""
+    if args.target_source:
+        target, held_out = second_target(args.work, args.target_source, args.holdout, args.target_documents)
+    else:
+        target, held_out = split_val(args.work)
     results: dict[str, dict[int, dict]] = {}
+    name = "quality_rounds" + (f"_B_{args.target_source}" if args.target_source else "")
     for seed in args.seeds:
         for arm in args.arms:
-            results.setdefault(arm, {})[seed] = run_arm(args, args.work, arm, seed, target, held_out)
+            results.setdefault(arm, {})[seed] = run_arm(args, args.work, arm, seed, target, held_out, prefix)
             table = summary(results)
-            record("quality_rounds", {"settings": {k: str(v) for k, v in vars(args).items()}, "arms": table})
+            extra = {"cross_target_jaccard": cross_target_overlap(args.work, args.arms, seed, args.rounds)} \
+                if args.target_source else {}
+            record(name, {"settings": {k: str(v) for k, v in vars(args).items()}, "arms": table, **extra})
     table = summary(results)
     print(f"{'arm':<11} {'seed':>4} {'final loss':>10} {'×random':>8} {'×DSIR':>7} {'select CPU-s':>12} {'pretrain CPU-s':>14}")
     for arm, entry in table.items():
