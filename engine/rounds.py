@@ -454,7 +454,8 @@ def rounds_result(settings: RoundsSettings, exp: Path, stages: list[Stage], timi
             "tokens_kept": manifest["tokens"]["kept"], "threshold": manifest.get("score_threshold"),
             "composition": composition(manifest),
             "drift_spearman": drift.get(r),
-            "cost_cpu_s": {role: cost.get("cpu_s") for role, cost in costs.items()},
+            "cost_cpu_s": round(sum(cost.get("cpu_s", 0.0) for cost in costs.values()), 1),
+            "cost_cpu_s_by_stage": {role: cost.get("cpu_s") for role, cost in costs.items()},
             "selection_cpu_s": sum(cost.get("cpu_s", 0.0) for role, cost in costs.items() if role != "pretrain"),
             "pretrain_cpu_s": costs.get("pretrain", {}).get("cpu_s"),
         })
