@@ -52,6 +52,7 @@ def rounds_command(
     lr_proxy: Annotated[float | None, Opt("--lr-proxy", help="Proxy learning rate in the bilevel phase. Default: the preset's.", rich_help_panel=SCORER)] = None,  # noqa: E501
     lr_scorer: Annotated[float, Opt("--lr-scorer", help="Score model learning rate.", rich_help_panel=SCORER)] = 1e-4,
     gamma: Annotated[float, Opt("--gamma", help="Weight of KL(latest model ‖ proxy).", rich_help_panel=SCORER)] = 1e-2,
+    score_scale: Annotated[float, Opt("--score-scale", help="β in the bilevel batch weights softmax(β·s).", rich_help_panel=SCORER)] = 1.0,  # noqa: E501
     chunks: Annotated[int, Opt("--chunks", help="BLISS scores a document as the mean over its first N chunks.", rich_help_panel=SCORER)] = 4,  # noqa: E501
     run: Annotated[str, Opt("--run", help="Experiment name: its stages go to RUNS_DIR/RUN/.", rich_help_panel=RUN)] = "rounds",  # noqa: E501
     runs_dir: Annotated[Path, Opt("--runs-dir", help="Folder holding the runs.", rich_help_panel=RUN)] = Path("runs"),
@@ -77,7 +78,7 @@ def rounds_command(
         seq_len=seq_len, batch_tokens=batch_tokens, round_tokens=_parse_amount(round_tokens, "--round-tokens"), lr=lr,
         lr_factor=lr_factor, decay_steps=decay_steps, eval_points=eval_points, proxy=proxy, proxy_steps=proxy_steps,
         scorer_steps=scorer_steps, scorer_seq_len=scorer_seq_len, scorer_batch_size=scorer_batch_size,
-        inner_steps=inner_steps, lr_proxy=lr_proxy, lr_scorer=lr_scorer, gamma=gamma, chunks=chunks, seed=seed,
+        inner_steps=inner_steps, lr_proxy=lr_proxy, lr_scorer=lr_scorer, gamma=gamma, score_scale=score_scale, chunks=chunks, seed=seed,
         device=device, tokenizer=tokenizer,
     )
     exp = RunDir.named(run, runs_dir).root

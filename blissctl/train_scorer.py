@@ -39,6 +39,7 @@ def train_scorer_command(
     z_steps: Annotated[int, typer.Option("--z-steps", help="Gradient steps of the z-solve.", rich_help_panel=OUTER)] = 3,
     z_lr: Annotated[float, typer.Option("--z-lr", help="Step size of the z-solve.", rich_help_panel=OUTER)] = 1e-2,
     z_damping: Annotated[float, typer.Option("--z-damping", help="μ added to the Hessian.", rich_help_panel=OUTER)] = 1e-2,
+    score_scale: Annotated[float, typer.Option("--score-scale", help="β in the batch weights softmax(β·s): above 1 lets the score model weight a batch's documents more unevenly.", rich_help_panel=OUTER)] = 1.0,
     z_clip: Annotated[float, typer.Option("--z-clip", help="Per-tensor norm bound of each z update (0: off).", rich_help_panel=OUTER)] = 1.0,
     hypergrad: Annotated[str, typer.Option("--hypergrad", help="fd (central differences, fast kernels, no graph), or the exact graph (reverse pass through ∇g's graph) and jvp (forward mode).", rich_help_panel=OUTER)] = "fd",
     z_hvp: Annotated[str, typer.Option("--z-hvp", help="Hessian-vector products of the z-solve: fd (difference of two gradients) or exact (double backward).", rich_help_panel=OUTER)] = "fd",
@@ -84,7 +85,7 @@ def train_scorer_command(
     config = TrainScorerConfig(
         train=tuple(train) if train else (sample_pool_glob(),), val=val or str(sample_val_path()), proxy=proxy,
         steps=steps, warmup_steps=warmup_steps, inner_steps=inner_steps, gamma=gamma, l2=l2, z_steps=z_steps,
-        z_lr=z_lr, z_damping=z_damping, z_clip=z_clip, hypergrad=hypergrad, hypergrad_chunk=hypergrad_chunk, lr_proxy=lr_proxy, lr_scorer=lr_scorer,
+        z_lr=z_lr, z_damping=z_damping, z_clip=z_clip, score_scale=score_scale, hypergrad=hypergrad, hypergrad_chunk=hypergrad_chunk, lr_proxy=lr_proxy, lr_scorer=lr_scorer,
         z_hvp=z_hvp, fd_step=fd_step, z_carry=z_carry,
         weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size, val_batch_size=val_batch_size,
         seq_len=seq_len, target=target, proxy_init=proxy_init, score_init=score_init, tokenizer=tokenizer, vocab_size=vocab_size, device=device, seed=seed,

@@ -103,6 +103,8 @@ class RoundsSettings:
     lr_scorer: float = 1e-4
     gamma: float = 1e-2
     """``--gamma``: weight of KL(latest model ‖ proxy) in the lower objective (the reference: 1e-2)."""
+    score_scale: float = 1.0
+    """``--score-scale``: β in the bilevel batch weights softmax(β·s) (the reference: 1)."""
     chunks: int = 4
     """``--chunks``: BLISS scores a document as the mean over its first N scorer-seq-len chunks."""
     seed: int = 0
@@ -135,7 +137,8 @@ class RoundsSettings:
             raise UserError(f"--batch-tokens {self.batch_tokens} must be a positive multiple of --seq-len {self.seq_len}")
         if not (0 < self.lr_factor <= 1 and math.isfinite(self.lr_factor)):
             raise UserError(f"--lr-factor must be in (0, 1], got {self.lr_factor}")
-        for flag, value in (("--lr", self.lr), ("--lr-proxy", self.lr_proxy), ("--lr-scorer", self.lr_scorer)):
+        for flag, value in (("--lr", self.lr), ("--lr-proxy", self.lr_proxy), ("--lr-scorer", self.lr_scorer),
+                            ("--score-scale", self.score_scale)):
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise UserError(f"{flag} must be a positive number, got {value}")
         if self.unit not in ("tokens", "docs"):
@@ -197,6 +200,7 @@ def plan_rounds(settings: RoundsSettings, exp: Path, split: PoolSplit | None, th
             extra = ["--proxy-init", str(exp / stage_run(0, "proxy")), "--target",
                      str(exp / stage_run(r - 1, "pretrain")), "--gamma", f"{settings.gamma:g}",
                      "--lr-scorer", f"{settings.lr_scorer:g}", "--inner-steps", str(settings.inner_steps),
+                     "--score-scale", f"{settings.score_scale:g}",
                      "--checkpoint-every", str(max(1, settings.scorer_steps // 3)), "--no-tensorboard",
                      *(["--lr-proxy", f"{settings.lr_proxy:g}"] if settings.lr_proxy else []),
                      *(["--score-init", str(exp / last_scorer)] if last_scorer else []), *threads]

@@ -74,9 +74,10 @@ def l2_penalty(params: Params) -> Tensor:
     return sum((p.float() if p.dtype not in (torch.float32, torch.float64) else p).pow(2).sum() for p in params)
 
 
-def batch_weights(scores: Tensor) -> Tensor:
-    """P = softmax of the scores over the batch, (B,); sums to 1."""
-    return torch.softmax(scores, dim=0)
+def batch_weights(scores: Tensor, scale: float = 1.0) -> Tensor:
+    """P = softmax of ``scale`` × the scores over the batch, (B,); sums to 1. Scores lie in (0, 1), so at
+    the reference's scale 1 the weights of a batch differ by at most e× (``--score-scale``)."""
+    return torch.softmax(scores * scale if scale != 1.0 else scores, dim=0)
 
 
 def weight_entropy(weights: Tensor) -> float:
@@ -258,6 +259,6 @@ def per_sample_directional_losses(model: nn.Module, input_ids: Tensor, attention
     return torch.cat(values), torch.cat(cs)
 
 
-def surrogate_upper_loss(scores: Tensor, c: Tensor) -> Tensor:
-    """−Σ_i softmax(s)_i · c_i with c held fixed: its gradient in θs is the hypergradient (scalar)."""
-    return -(batch_weights(scores) * c.detach().to(scores.dtype)).sum()
+def surrogate_upper_loss(scores: Tensor, c: Tensor, scale: float = 1.0) -> Tensor:
+    """−Σ_i softmax(β·s)_i · c_i with c held fixed: its gradient in θs is the hypergradient (scalar)."""
+    return -(batch_weights(scores, scale) * c.detach().to(scores.dtype)).sum()

@@ -41,6 +41,10 @@ class TrainScorerConfig:
     """``--z-damping``: μ, added to the Hessian's diagonal."""
     z_clip: float = 1.0
     """``--z-clip``: per-tensor norm bound of each z update (0: no clipping)."""
+    score_scale: float = 1.0
+    """``--score-scale``: β in the batch weights P = softmax(β·s). Scores lie in (0, 1), so at the
+    reference's β = 1 a batch's weights differ by at most e×: the proxy's lower level sees nearly uniform
+    weights (entropy ≈ log B), and the score model's ranking has little room to act on it."""
     z_init: float = 0.0
     """``--z-init``: the constant z starts from at every outer step."""
     lr_proxy: float | None = None
@@ -143,7 +147,7 @@ class TrainScorerConfig:
         for flag, value in non_negative.items():
             if not (value >= 0 and math.isfinite(value)):
                 raise UserError(f"{flag} must be a finite number ≥ 0 (got {value})")
-        positive = {"--z-lr": self.z_lr, "--lr-scorer": self.lr_scorer}
+        positive = {"--z-lr": self.z_lr, "--lr-scorer": self.lr_scorer, "--score-scale": self.score_scale}
         if self.lr_proxy is not None:
             positive["--lr-proxy"] = self.lr_proxy
         for flag, value in positive.items():
@@ -167,8 +171,8 @@ class TrainScorerConfig:
 
 RESUME_KEYS = ("proxy", "seq_len", "batch_size", "steps", "warmup_steps", "inner_steps", "seed", "tokenizer",
                "vocab_size", "hypergrad", "z_hvp", "z_carry", "shuffle_buffer", "train", "val", "proxy_init",
-               "score_init")
-BEFORE_KEY = {"z_hvp": "exact", "z_carry": False, "proxy_init": None, "score_init": None}
+               "score_init", "score_scale")
+BEFORE_KEY = {"z_hvp": "exact", "z_carry": False, "proxy_init": None, "score_init": None, "score_scale": 1.0}
 """What a checkpoint written before a key existed ran with."""
 HYPERGRAD_ROUTES = ("graph", "jvp", "fd")
 

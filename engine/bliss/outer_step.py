@@ -135,7 +135,7 @@ def outer_step(*, proxy: torch.nn.Module, score_model: ScoreModel, target: torch
             ids, mask = next(train_batches)
             with autocast(device):
                 with torch.no_grad():
-                    weights = bilevel.batch_weights(score_model(ids, mask).float())  # (B,)
+                    weights = bilevel.batch_weights(score_model(ids, mask).float(), config.score_scale)  # (B,)
                 g, _ = lower_objective_terms(proxy, target, ids, mask, weights, config, gamma)
             g.backward()
             clip_and_step(proxy, opt_proxy, config.grad_clip)
@@ -152,7 +152,7 @@ def outer_step(*, proxy: torch.nn.Module, score_model: ScoreModel, target: torch
     ids, mask = next(train_batches)
     with timed("score_forward"):
         scores = score_model(ids, mask)  # (B,)
-        weights = bilevel.batch_weights(scores)
+        weights = bilevel.batch_weights(scores, config.score_scale)
     needs_graph = config.hypergrad in ("graph", "jvp") or config.z_hvp == "exact"
     grad_g = None
     target_logits = target_logits_of(target, ids, mask, gamma)  # once: every gradient of g below reuses them
@@ -193,7 +193,7 @@ def outer_step(*, proxy: torch.nn.Module, score_model: ScoreModel, target: torch
                             return bilevel.sequence_losses(bilevel.lm_logits(proxy, ids, mask), ids, mask)
 
                     c = bilevel.central_difference(sample_losses, proxy_params, z, config.fd_step).float()
-                hypergrad = torch.autograd.grad(bilevel.surrogate_upper_loss(scores, c), score_params,
+                hypergrad = torch.autograd.grad(bilevel.surrogate_upper_loss(scores, c, config.score_scale), score_params,
                                                 allow_unused=True)
                 hypergrad = [torch.zeros_like(p) if h is None else h
                              for h, p in zip(hypergrad, score_params, strict=True)]

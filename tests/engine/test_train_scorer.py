@@ -7,6 +7,7 @@ sentences with their characters shuffled; the validation set is other clean sent
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import re
 from pathlib import Path
@@ -326,3 +327,19 @@ def test_score_init_continues_an_earlier_score_model(toy, tmp_path):
     with pytest.raises(UserError, match="score model"):
         run_train_scorer(_config(toy, steps=1, warmup_steps=0, proxy_init=str(first.root), score_init="nope",
                                  tokenizer=None), RunDir.named("r2-bad", tmp_path))
+
+
+def test_score_scale_sharpens_the_batch_weights_the_proxy_trains_on(toy, tmp_path):
+    from engine.bliss.bilevel import batch_weights
+
+    scores = torch.tensor([0.0, 1.0])
+    assert (batch_weights(scores)[1] / batch_weights(scores)[0]).item() == pytest.approx(math.e)
+    assert (batch_weights(scores, 5.0)[1] / batch_weights(scores, 5.0)[0]).item() == pytest.approx(math.e ** 5)
+    entropy = {}
+    for scale in (1.0, 200.0):
+        run = RunDir.named(f"scale-{scale:g}", tmp_path)
+        run_train_scorer(_config(toy, steps=2, score_scale=scale), run)
+        entropy[scale] = [e["weight_entropy"] for e in _events(run) if e["kind"] == "step"][-1]
+    assert entropy[200.0] < entropy[1.0] - 1e-3
+    with pytest.raises(UserError, match="--score-scale"):
+        _config(toy, score_scale=0.0)
