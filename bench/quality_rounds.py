@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--holdout", default=str(POOL / "c4-train.0000[4-7]-of-00008.jsonl.zst"),
                         help="shards, not in --pool, that target B's documents come from")
     parser.add_argument("--target-documents", type=int, default=400)
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing: summarise the arm-seeds already finished in WORK")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more blissctl rounds flags")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -153,6 +155,8 @@ def main() -> None:
     name = "quality_rounds" + (f"_B_{args.target_source}" if args.target_source else "")
     for seed in args.seeds:
         for arm in args.arms:
+            if args.summary_only and not (args.work / f"{prefix}{arm}-s{seed}" / "rounds-result.json").exists():
+                continue
             results.setdefault(arm, {})[seed] = run_arm(args, args.work, arm, seed, target, held_out, prefix)
             table = summary(results)
             extra = {"cross_target_jaccard": cross_target_overlap(args.work, args.arms, seed, args.rounds)} \
