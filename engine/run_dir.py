@@ -317,12 +317,14 @@ def failure_message(error: BaseException) -> str:
 # What each stage writes, by name, inside its run: the only things --force and demo --force remove.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "select": ("scores/*.scores.npz", "selected/*.jsonl.zst", "selected/manifest.json", "report/select.md",
-               "report/select.json", "dsir-model.npz", "dsir-model.json"),
+               "report/select.json", "dsir-model.npz", "dsir-model.json",
+               # independent shard jobs' done markers and locks (engine.select.shards)
+               "scores/shares/*.done.json", "scores/shares/*.lock"),
 }
 RUN_OUTPUTS = (
     "config.json", "events.jsonl", "tokenizer.json", "pretrain_config.json", LOCK_FILE, TRAINER_LOCK_FILE,
     "dsir-model.npz", "dsir-model.json",
-    "scores/*.scores.npz", "selected/*.jsonl.zst", "selected/manifest.json", "report/*.md", "report/*.json",
+    "scores/*.scores.npz", "scores/shares/*.done.json", "scores/shares/*.lock", "selected/*.jsonl.zst", "selected/manifest.json", "report/*.md", "report/*.json",
     "checkpoints/**", "data/**", "tensorboard/**", "hf/**",
 )
 
