@@ -241,6 +241,6 @@ def missing_scores_message(run_dir: RunDir, labels: list[str], missing: list[int
         shares = sorted({i % count for i in missing})
         listed = ", ".join(map(str, shares[:10])) + (" ..." if len(shares) > 10 else "")
         return (f"{head}; they belong to share(s) {listed} of --num-shards {count}: run those shard jobs "
-                "(or the same command without --merge, --resume, to score them here)")
-    return (f"{head}: score them with select --shard-index I --num-shards N, or with the same command "
-            "without --merge and with --resume")
+                "(or, to score them here, the same command with --resume instead of --merge)")
+    return (f"{head}: score them with shard jobs (--shard-index I --num-shards N), or here with the same "
+            "command with --resume instead of --merge")
