@@ -114,7 +114,7 @@ def select_command(
     ] = None,
     ray_cpus_per_actor: Annotated[
         float | None, typer.Option(rich_help_panel="At scale",
-                                   help="--engine ray: CPUs per scorer actor. Default: --threads or 1 for a model scorer, 0.25 for random and dsir.")
+                                   help="--engine ray: CPUs per scorer actor. Default: --threads or 1 for a model scorer, 0 for random and dsir (their work is in the read tasks).")
     ] = None,
 ) -> None:
     import os

@@ -87,7 +87,7 @@ class SelectConfig:
     """``--engine ray``: GPUs each scorer actor holds; default 1 with ``--device cuda``, else 0."""
     ray_cpus_per_actor: float | None = None
     """``--engine ray``: CPUs each scorer actor holds; default ``threads`` (or 1) for a model scorer, and
-    a quarter for random and dsir, whose work happens in the read tasks."""
+    none for random and dsir, whose work happens in the read tasks."""
 
     def __post_init__(self) -> None:
         check_config_integers(self)
@@ -134,8 +134,8 @@ class SelectConfig:
             raise UserError(f"--ray-actors {self.ray_actors}: must be at least 1")
         if self.ray_gpus_per_actor is not None and not (self.ray_gpus_per_actor >= 0 and math.isfinite(self.ray_gpus_per_actor)):
             raise UserError(f"--ray-gpus-per-actor {self.ray_gpus_per_actor}: must be 0 or more")
-        if self.ray_cpus_per_actor is not None and not (self.ray_cpus_per_actor > 0 and math.isfinite(self.ray_cpus_per_actor)):
-            raise UserError(f"--ray-cpus-per-actor {self.ray_cpus_per_actor}: must be above 0")
+        if self.ray_cpus_per_actor is not None and not (self.ray_cpus_per_actor >= 0 and math.isfinite(self.ray_cpus_per_actor)):
+            raise UserError(f"--ray-cpus-per-actor {self.ray_cpus_per_actor}: must be 0 or more")
 
     @property
     def continues_run(self) -> bool:

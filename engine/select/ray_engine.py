@@ -45,6 +45,7 @@ from engine.select.scorers.base import ShardBatch
 from engine.select.stage import (
     HISTOGRAM_EVERY_S,
     PROGRESS_EVERY_S,
+    ScoringRates,
     ShardAccumulator,
     ShardScoring,
     ShardTotals,
@@ -52,9 +53,10 @@ from engine.select.stage import (
 
 READ_RETRIES = 3
 """How often Ray runs a read task again after its worker died (system failures only)."""
-LIGHT_ACTOR_CPUS = 0.25
+LIGHT_ACTOR_CPUS = 0.0
 """CPUs a scorer actor reserves when its scorer runs no model (random, dsir): their work is in the read
-tasks, so a whole CPU per actor would only keep a reader waiting."""
+tasks and the actor's is a few numpy operations a batch, so any reservation would keep a read task
+from starting (a quarter CPU on 2 cores left room for one read task, and halved the docs/s)."""
 RAY_EXTRA = "pip install 'blissctl[scale]' (ray[data]==2.40.0)"
 
 
@@ -177,6 +179,7 @@ class RayShardScoring(ShardScoring):
         selection = self.selection
         scorer, config, events = selection.scorer, selection.config, selection.events
         started_here = connect(config)
+        self.rates = ScoringRates()  # docs/s from here: starting a local cluster is not scoring
         try:
             quiet_ray_data()
             dataset = self.dataset(ray)
