@@ -64,6 +64,40 @@ def test_ray_engine_selects_what_the_local_engine_selects(ray_cluster, tmp_path,
     assert resumed["documents"] == local["documents"]
 
 
+@pytest.mark.slow  # 12 s here: torch starts in the actor; make test-slow runs it
+def test_ray_scorer_actors_run_a_score_model_as_the_local_engine_does(ray_cluster, tmp_path, corpus):
+    """A model scorer (bliss, a tiny untrained score model): token ids travel from the read tasks to
+    torch in the actors, and the scores are those of the model in this process."""
+    import torch
+
+    from engine.bliss.artifacts import save_score_model
+    from engine.bliss.score_model import ScoreModel
+    from engine.data.tokenizer import train_bpe_tokenizer
+    from engine.models.families import build_causal_lm
+    from engine.models.presets import pythia_tiny
+    from engine.run_dir import atomic_write_bytes
+
+    scorer = RunDir.named("scorer", tmp_path / "runs")
+    scorer.create()
+    tokenizer = train_bpe_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], 512)
+    atomic_write_bytes(scorer.tokenizer_path, tokenizer.to_str().encode())
+    model = ScoreModel.from_proxy(build_causal_lm(pythia_tiny(), tokenizer.get_vocab_size(), seed=0))
+    with torch.no_grad():
+        model.head.weight.normal_(std=1.0)  # spread the scores: an untrained head gives them all ~0.5
+    save_score_model(scorer.checkpoints / "score-model.pt", model, preset="tiny",
+                     vocab_size=tokenizer.get_vocab_size(), seq_len=16, pad_id=1)
+    runs = tmp_path / "runs"
+    common = dict(inputs=(str(tmp_path / "pool"),), workers=0, budget="25%", runs_dir=str(runs), scorer="bliss",
+                  scorer_run="scorer", threads=1)
+    local = run_select(SelectConfig(**common), RunDir.named("local", runs))
+    remote = run_select(SelectConfig(**common, engine="ray"), RunDir.named("ray", runs))
+    assert selected_bytes(RunDir.named("ray", runs)) == selected_bytes(RunDir.named("local", runs))
+    assert remote["documents"] == local["documents"] and remote["scorer"] == local["scorer"]
+    for path in sorted((runs / "local" / "scores").glob("*.npz")):
+        np.testing.assert_allclose(load_shard_scores(runs / "ray" / "scores" / path.name).scores,
+                                   load_shard_scores(path).scores, rtol=0, atol=1e-6)
+
+
 def test_a_missing_ray_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     result = runner.invoke(app, ["select", "--runs-dir", str(tmp_path), "--engine", "ray"])
