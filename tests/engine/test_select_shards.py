@@ -139,8 +139,9 @@ def test_shares_of_another_split_are_refused(tmp_path, pool, small_tokenizer):
 
 
 def test_the_cli_runs_a_share_then_the_last_share_merges(tmp_path, pool, small_tokenizer):
-    common = ["select", "--input", str(pool), "--tokenizer", str(small_tokenizer), "--workers", "0",
-              "--runs-dir", str(tmp_path / "runs"), "--run", "cli", "--num-shards", "2"]
+    plain = ["select", "--input", str(pool), "--tokenizer", str(small_tokenizer), "--workers", "0",
+             "--runs-dir", str(tmp_path / "runs"), "--run", "cli"]
+    common = [*plain, "--num-shards", "2"]
     first = runner.invoke(app, [*common, "--shard-index", "1"])
     assert first.exit_code == 0, first.output
     assert "share 1 of 2: 3 input shard(s)" in first.output and "waiting for 1 share(s) (0)" in first.output
@@ -151,6 +152,12 @@ def test_the_cli_runs_a_share_then_the_last_share_merges(tmp_path, pool, small_t
     assert f"{manifest['documents']['kept']:,}" in second.output and manifest["documents"]["seen"] == 1500
     no_merge = runner.invoke(app, [*common, "--shard-index", "0", "--no-merge-when-done"])
     assert no_merge.exit_code == 0 and "run the same command with --merge" in no_merge.output
+    # --force (a plain select) discards the shares' markers with the scores: a later split starts afresh.
+    shares = tmp_path / "runs" / "cli" / "scores" / "shares"
+    assert len(list(shares.glob("*.done.json"))) == 2
+    forced = runner.invoke(app, [*plain, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert not shares.exists() or not list(shares.glob("*.done.json"))
 
 
 @pytest.mark.parametrize(
