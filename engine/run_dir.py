@@ -324,7 +324,8 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 RUN_OUTPUTS = (
     "config.json", "events.jsonl", "tokenizer.json", "pretrain_config.json", LOCK_FILE, TRAINER_LOCK_FILE,
     "dsir-model.npz", "dsir-model.json",
-    "scores/*.scores.npz", "scores/shares/*.done.json", "scores/shares/*.lock", "selected/*.jsonl.zst", "selected/manifest.json", "report/*.md", "report/*.json",
+    "scores/*.scores.npz", "scores/shares/*.done.json", "scores/shares/*.lock", "selected/*.jsonl.zst",
+    "selected/manifest.json", "report/*.md", "report/*.json",
     "checkpoints/**", "data/**", "tensorboard/**", "hf/**",
 )
 

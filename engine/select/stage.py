@@ -75,7 +75,8 @@ def run_select(
     process group torchrun set up and leaves it before returning.
 
     With ``config.shard_index`` this is one independent shard job (``engine.select.shards``): it
-    scores its share and returns the manifest only if it was the last share and merged, else None."""
+    scores its share and returns a ``ShareResult``, which holds the manifest if the job was the last
+    share to finish and merged."""
     if config.shard_index is not None:
         from engine.select.shards import run_share
 
