@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned, so that nothing later resolves a (multi-GB) build of its own choosing
 	$(BIN)/pip install --quiet "$(TORCH)"
-	# the optional integrations too (lm-eval): make test checks them
-	$(BIN)/pip install --quiet -e ".[test,eval]"
+	# the optional integrations too (lm-eval, Ray Data): make test checks them
+	$(BIN)/pip install --quiet -e ".[test,eval,scale]"
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install blissctl with its test tools (TORCH=... to choose a build)
@@ -37,11 +37,11 @@ demo-rounds: $(STAMP) ## blissctl rounds (multi-round BLISS) and its random-roun
 	$(BIN)/blissctl dashboard demo-rounds demo-rounds-random --once
 
 bench: $(STAMP) ## run the benchmarks in bench/ and print their figures (tens of minutes)
-	$(BIN)/pip install --quiet -e ".[test,eval,bench]"
+	$(BIN)/pip install --quiet -e ".[test,eval,scale,bench]"
 	$(BIN)/python bench/run_all.py
 
 bench-quality: $(STAMP) ## select with random/BLISS/DSIR/perplexity and pretrain on each (hours on a CPU)
-	$(BIN)/pip install --quiet -e ".[test,eval,bench]"
+	$(BIN)/pip install --quiet -e ".[test,eval,scale,bench]"
 	$(BIN)/python bench/quality.py
 
 lint: $(STAMP) ## ruff over the tree

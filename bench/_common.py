@@ -68,6 +68,8 @@ def run_command(argv: list[str], *, log: Path | None = None, threads: int | None
         raise SystemExit(f"failed ({code}): {shlex.join(argv)}" + (f"; see {log}" if log else f"\n{output}"))
     return {"wall_s": round(time.perf_counter() - started, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "user_s": round(usage.ru_utime, 2), "sys_s": round(usage.ru_stime, 2), "command": shlex.join(argv),
+            # the largest peak RSS of the command and the children it waited for (Linux: kilobytes)
+            "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "output": output}
 
 

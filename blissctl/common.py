@@ -24,7 +24,10 @@ F = TypeVar("F", bound=Callable)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    # escaped: a message may quote brackets (pip install 'blissctl[scale]') that rich would take for markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 

@@ -11,6 +11,12 @@ Example: blissctl select --input pool/ --budget 30% --scorer dsir --val target.j
 Example: torchrun --nproc-per-node 8 -m blissctl select --input pool/ --budget 20% --name big
 
 Example: blissctl select --input 's3://bucket/fineweb/*.parquet' --text-field text --output-format megatron --run fw
+
+Example (a Slurm array of 64 independent jobs; the last to finish writes the subset): blissctl select --input pool/ --budget 20% --run big --shard-index $SLURM_ARRAY_TASK_ID --num-shards 64
+
+Example (select again from the saved scores, e.g. with another budget): blissctl select --input pool/ --budget 10% --run big --merge
+
+Example (Ray Data: read tasks on the CPUs, 8 scorer actors with a GPU each): blissctl select --input pool/ --scorer bliss --scorer-run my-scorer --device cuda --engine ray --ray-address auto --ray-actors 8 --run big
 """
 
 from __future__ import annotations
@@ -87,6 +93,44 @@ def select_command(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run; scored shards are reused.")] = False,
     force: Annotated[bool, typer.Option(help="Discard an earlier selection of this run and start again.")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("runs"),
+    # ---- at scale (README "At scale")
+    shard_index: Annotated[
+        int | None,
+        typer.Option(metavar="I", rich_help_panel="At scale",
+                     help="Score only share I (0 to N-1) of the input shards, as one of N independent jobs "
+                     "(e.g. --shard-index $SLURM_ARRAY_TASK_ID). Rerun a failed job as it was: it scores what is missing."),
+    ] = None,
+    num_shards: Annotated[
+        int | None, typer.Option(metavar="N", rich_help_panel="At scale",
+                                 help="How many independent jobs split the input, with --shard-index.")
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", rich_help_panel="At scale",
+                           help="Score nothing: the exact top-k over every shard's score file, then the subset "
+                           "(--budget, --unit and --temperature may differ from the shard jobs').")
+    ] = False,
+    merge_when_done: Annotated[
+        bool, typer.Option(rich_help_panel="At scale",
+                           help="The shard job that finds every share done merges (the last job writes the subset).")
+    ] = True,
+    engine: Annotated[
+        str, typer.Option(rich_help_panel="At scale",
+                          help="local (reader processes, the scorer here; or torchrun ranks) or ray (Ray Data: "
+                          "read tasks on the cluster's CPUs, scorer actors on its GPUs). Example: --engine ray --ray-actors 4")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(rich_help_panel="At scale",
+                                 help="--engine ray: the cluster to join (auto, HOST:6379). Default: RAY_ADDRESS, else a local one.")
+    ] = None,
+    ray_actors: Annotated[int, typer.Option(rich_help_panel="At scale", help="--engine ray: scorer actors in parallel.")] = 1,
+    ray_gpus_per_actor: Annotated[
+        float | None, typer.Option(rich_help_panel="At scale",
+                                   help="--engine ray: GPUs per scorer actor. Default: 1 with --device cuda, else 0.")
+    ] = None,
+    ray_cpus_per_actor: Annotated[
+        float | None, typer.Option(rich_help_panel="At scale",
+                                   help="--engine ray: CPUs per scorer actor. Default: --threads or 1 for a model scorer, 0 for random and dsir (their work is in the read tasks).")
+    ] = None,
 ) -> None:
     import os
 
@@ -109,6 +153,9 @@ def select_command(
         tokenizer=tokenizer, vocab_size=vocab_size, exact_token_counts=exact_token_counts, resume=resume,
         force=force, val=val, threads=plan.threads if plan else threads, runs_dir=str(runs_dir),
         text_field=text_field, output_format=output_format,
+        shard_index=shard_index, num_shards=num_shards, merge=merge, merge_when_done=merge_when_done, engine=engine,
+        ray_address=ray_address, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor,
+        ray_cpus_per_actor=ray_cpus_per_actor,
     )
     run_dir = RunDir.named(_default_run_name(scorer, budget) if run is None else run, runs_dir)
     if plan is not None and is_main_process():
@@ -118,6 +165,11 @@ def select_command(
         return
     with _SelectDisplay() as display:
         manifest = run_select(config, run_dir, progress=display.update)
+    if config.shard_index is not None:
+        print_share(manifest, run_dir.root)
+        if manifest.manifest is None:
+            return
+        manifest = manifest.manifest
     print_summary(manifest, run_dir.root)
 
 
@@ -187,6 +239,21 @@ def print_summary(manifest: dict, root: Path) -> None:
     if manifest["budget"]["keeps_everything"]:
         console.print("[yellow]the budget covers the whole pool: every document is kept[/]")
     console.print(f"subset: {root / 'selected'}  report: {root / 'report' / 'select.md'}")
+
+
+def print_share(result, root: Path) -> None:
+    """What one shard job did, and what is left before the subset exists."""
+    marker = result.marker
+    console.print(f"share {marker['share']} of {marker['num_shards']}: {len(marker['shards']):,} input shard(s), "
+                  f"{marker['documents']:,} documents, {marker['tokens']:,} tokens scored into {root / 'scores'}")
+    if result.pending:
+        listed = ", ".join(map(str, result.pending[:10])) + (" ..." if len(result.pending) > 10 else "")
+        console.print(f"waiting for {len(result.pending):,} share(s) ({listed}); the last to finish writes the "
+                      "subset, or run the same command with --merge instead of --shard-index")
+    elif result.merged_elsewhere:
+        console.print("every share is done; another job is merging them")
+    elif result.manifest is None:
+        console.print("every share is done: run the same command with --merge instead of --shard-index")
 
 
 def _pct(part: int, whole: int) -> str:

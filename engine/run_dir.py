@@ -320,12 +320,15 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
                "report/select.json", "dsir-model.npz", "dsir-model.json",
                # --output-format parquet and megatron (its parts while writing)
                "selected/*.parquet", "selected/*.bin", "selected/*.idx", "selected/parts/*.bin",
-               "selected/parts/*.sizes"),
+               "selected/parts/*.sizes",
+               # independent shard jobs' done markers and locks (engine.select.shards)
+               "scores/shares/*.done.json", "scores/shares/*.lock"),
 }
 RUN_OUTPUTS = (
     "config.json", "events.jsonl", "tokenizer.json", "pretrain_config.json", LOCK_FILE, TRAINER_LOCK_FILE,
     "dsir-model.npz", "dsir-model.json",
-    "scores/*.scores.npz", "selected/*.jsonl.zst", "selected/manifest.json", "report/*.md", "report/*.json",
+    "scores/*.scores.npz", "scores/shares/*.done.json", "scores/shares/*.lock", "selected/*.jsonl.zst",
+    "selected/manifest.json", "report/*.md", "report/*.json",
     "selected/*.parquet", "selected/*.bin", "selected/*.idx", "selected/parts/*.bin", "selected/parts/*.sizes",
     "checkpoints/**", "data/**", "tensorboard/**", "hf/**", "decayed/**",
 )

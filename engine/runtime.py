@@ -54,7 +54,14 @@ class Runtime:
 
     def owns(self, shard_index: int) -> bool:
         """Shards are dealt round-robin: disjoint, and balanced when shards are alike."""
-        return shard_index % self.world_size == self.rank
+        return deals_to(shard_index, self.rank, self.world_size)
+
+
+def deals_to(shard_index: int, part: int, parts: int) -> bool:
+    """Whether input shard ``shard_index`` (in the sorted input order) belongs to ``part`` of ``parts``:
+    round-robin, so parts are disjoint, cover every shard, and stay balanced when shards are alike. The
+    one rule torchrun ranks and independent ``select --shard-index`` jobs share."""
+    return shard_index % parts == part
 
 
 def is_main_process() -> bool:

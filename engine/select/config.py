@@ -15,6 +15,7 @@ from engine.select.budget import Budget, parse_budget
 from engine.select.scorers import scorer_entry
 
 UNITS = ("tokens", "docs")
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +71,32 @@ class SelectConfig:
     """Discard this run's earlier selection (only the files ``select`` wrote) and start again."""
     runs_dir: str = "runs"
 
+    # ---- at scale: independent shard jobs and their merge, and the Ray engine (README "At scale")
+    shard_index: int | None = None
+    """With ``num_shards``: score only this job's share of the input shards (those whose index in the
+    sorted input list is ``shard_index`` modulo ``num_shards``, the torchrun ranks' rule) into ``scores/``,
+    so that N independent jobs (a Slurm array) split a pool without talking to each other."""
+    num_shards: int | None = None
+    """How many independent shard jobs split the input (``--shard-index`` 0 to N-1)."""
+    merge: bool = False
+    """Score nothing: the exact top-k over every input shard's score file, then the subset. Refused
+    while any shard has no score file."""
+    merge_when_done: bool = True
+    """A shard job that finds every share done merges at once, so the last job to finish writes the subset."""
+    engine: str = "local"
+    """``local`` (reader processes and the scorer in this process, or torchrun ranks) or ``ray`` (Ray
+    Data: read/tokenise tasks on the cluster's CPUs, scorer actors on its GPUs or CPUs)."""
+    ray_address: str | None = None
+    """``--engine ray``: the cluster to join (``auto``, ``HOST:6379``, ``ray://HOST:10001``); default:
+    ``RAY_ADDRESS`` if set, else a local cluster on this machine's cores."""
+    ray_actors: int = 1
+    """``--engine ray``: scorer actors (copies of the scorer) working in parallel."""
+    ray_gpus_per_actor: float | None = None
+    """``--engine ray``: GPUs each scorer actor holds; default 1 with ``--device cuda``, else 0."""
+    ray_cpus_per_actor: float | None = None
+    """``--engine ray``: CPUs each scorer actor holds; default ``threads`` (or 1) for a model scorer, and
+    none for random and dsir, whose work happens in the read tasks."""
+
     def __post_init__(self) -> None:
         check_config_integers(self)
         if self.resume and self.force:
@@ -95,6 +122,37 @@ class SelectConfig:
             raise UserError(f"--text-field {self.text_field!r}: name the field or column that holds the text")
         output_format_entry(self.output_format)  # a one-line error naming the choices
         parse_budget(self.budget)  # fail on the flag, before any work
+        self._check_scale_flags()
+
+    def _check_scale_flags(self) -> None:
+        if (self.shard_index is None) != (self.num_shards is None) and not (self.merge and self.shard_index is None):
+            raise UserError("--shard-index and --num-shards go together: --shard-index I --num-shards N, I from 0 to N-1")
+        if self.num_shards is not None and self.num_shards < 1:
+            raise UserError(f"--num-shards {self.num_shards}: must be at least 1")
+        if self.shard_index is not None and not 0 <= self.shard_index < self.num_shards:
+            raise UserError(f"--shard-index {self.shard_index}: must be from 0 to {self.num_shards - 1} "
+                            f"(--num-shards {self.num_shards})")
+        if self.merge and self.shard_index is not None:
+            raise UserError("--merge selects from every share's scores: leave out --shard-index")
+        if self.force and (self.merge or self.shard_index is not None):
+            raise UserError("--force would discard the scores other shard jobs wrote: remove the run folder, "
+                            "or choose another --run, to start again")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine {self.engine!r}: choose local or ray")
+        if self.engine == "ray" and self.shard_index is not None:
+            raise UserError("--engine ray schedules the shards itself: leave out --shard-index and --num-shards")
+        if self.ray_actors < 1:
+            raise UserError(f"--ray-actors {self.ray_actors}: must be at least 1")
+        if self.ray_gpus_per_actor is not None and not (self.ray_gpus_per_actor >= 0 and math.isfinite(self.ray_gpus_per_actor)):
+            raise UserError(f"--ray-gpus-per-actor {self.ray_gpus_per_actor}: must be 0 or more")
+        if self.ray_cpus_per_actor is not None and not (self.ray_cpus_per_actor >= 0 and math.isfinite(self.ray_cpus_per_actor)):
+            raise UserError(f"--ray-cpus-per-actor {self.ray_cpus_per_actor}: must be 0 or more")
+
+    @property
+    def continues_run(self) -> bool:
+        """Whether this command carries on a run that already has a selection without ``--resume``:
+        shard jobs join one another's run, and a merge reads what they scored."""
+        return self.resume or self.merge or self.shard_index is not None
 
     @property
     def parsed_budget(self) -> Budget:

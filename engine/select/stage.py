@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,6 +58,9 @@ from engine.select.writer import (
     write_selected_shards,
 )
 
+if TYPE_CHECKING:
+    from engine.select.shards import Share, ShareResult
+
 STAGE = "select"
 PROGRESS_EVERY_S = 1.0
 HISTOGRAM_EVERY_S = 5.0
@@ -74,12 +77,36 @@ def run_select(
     *,
     progress: ProgressCallback | None = None,
     on_shard_scored: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | ShareResult:
     """Run the whole stage; returns the manifest. Under torchrun every rank calls this: it joins the
-    process group torchrun set up and leaves it before returning."""
-    ranks = start_runtime(config.device)
+    process group torchrun set up and leaves it before returning.
+
+    With ``config.shard_index`` this is one independent shard job (``engine.select.shards``): it
+    scores its share and returns a ``ShareResult``, which holds the manifest if the job was the last
+    share to finish and merged."""
+    if config.shard_index is not None:
+        from engine.select.shards import run_share
+
+        return run_share(config, run_dir, progress=progress, on_shard_scored=on_shard_scored)
+    return run_whole_selection(config, run_dir, progress=progress, on_shard_scored=on_shard_scored)
+
+
+def run_whole_selection(config: SelectConfig, run_dir: RunDir, *, progress: ProgressCallback | None = None,
+                        on_shard_scored: Callable[[str], None] | None = None,
+                        lock_wait_s: float = 0.0) -> dict[str, Any]:
+    """Score what has no score file yet (nothing, for ``--merge``), select and write: the stage as one
+    job (one process, torchrun ranks or a Ray driver) holding the run's lock, waiting up to
+    ``lock_wait_s`` for it."""
+    if config.engine == "ray" and not config.merge:
+        from engine.select.ray_engine import require_ray
+
+        require_ray()  # one line now, not after the tokenizer is trained
+    ranks = start_runtime(scorer_config(config).device)
     try:
-        return _select(config, run_dir, ranks, progress or (lambda _: None), on_shard_scored)
+        if ranks.distributed and (config.engine != "local" or config.merge):
+            raise UserError("under torchrun, select runs with --engine local and without --merge "
+                            "(run a merge as one process)")
+        return _select(config, run_dir, ranks, progress or (lambda _: None), on_shard_scored, lock_wait_s)
     finally:
         stop_runtime(ranks)
 
@@ -88,7 +115,7 @@ def _check_run_state(config: SelectConfig, run_dir: RunDir, labels: list[str]) -
     stored = run_dir.read_config().get(STAGE)
     if stored is None:
         return
-    if not config.resume:
+    if not config.continues_run:
         raise UserError(
             f"run {run_dir.root} already has a selection; pass --resume to continue it or choose another --run"
         )
@@ -107,8 +134,22 @@ def _config_dict(config: SelectConfig) -> dict[str, Any]:
     return data
 
 
+def selection_record(config: SelectConfig, labels: list[str]) -> dict[str, Any]:
+    """What ``config.json`` keeps of a selection: its config, what its scores depend on, its inputs."""
+    return {**_config_dict(config), "scoring_identity": config.scoring_identity(), "shards": labels}
+
+
+def scorer_config(config: SelectConfig) -> SelectConfig:
+    """The config the scorer of this process is built from. A merge scores nothing and the Ray engine
+    scores in its actors, so their own scorer, only asked what it is (``describe``, ``max_tokens``),
+    loads on the CPU: the login node or Ray head that runs them may have no GPU."""
+    if config.device != "cpu" and (config.merge or config.engine == "ray"):
+        return replace(config, device="cpu")
+    return config
+
+
 def _select(config: SelectConfig, run_dir: RunDir, ranks: Runtime, report: ProgressCallback,
-            on_shard_scored) -> dict[str, Any]:
+            on_shard_scored, lock_wait_s: float = 0.0) -> dict[str, Any]:
     shards = discover_shards(list(config.inputs) or [sample_pool_glob()])
     labels = shard_labels(shards)
 
@@ -116,17 +157,16 @@ def _select(config: SelectConfig, run_dir: RunDir, ranks: Runtime, report: Progr
     session = None
     if ranks.is_main:
         try:
-            session = run_dir.open_stage(STAGE)
+            session = run_dir.open_stage(STAGE, wait_s=lock_wait_s)
             if config.force:  # only what an earlier selection of this run wrote
                 run_dir.discard(STAGE_OUTPUTS[STAGE])
                 run_dir.forget_stage(STAGE)
             _check_run_state(config, run_dir, labels)
-            scorer = build_scorer(config, run_dir, shards)
+            scorer = build_scorer(scorer_config(config), run_dir, shards)
             spec = scorer.tokenizer_path or config.tokenizer
             resolve_tokenizer(spec, run_dir.tokenizer_path, training_sample(shards, text_field=config.text_field),
                               config.vocab_size)
-            run_dir.record_config(STAGE, {**_config_dict(config), "scoring_identity": config.scoring_identity(),
-                                          "shards": labels})
+            run_dir.record_config(STAGE, selection_record(config, labels))
         except BaseException as failure:
             if session is not None:
                 session.close(failure)
@@ -137,7 +177,7 @@ def _select(config: SelectConfig, run_dir: RunDir, ranks: Runtime, report: Progr
     if error:
         raise UserError(error)
     if not ranks.is_main:
-        scorer = build_scorer(config, run_dir, shards)
+        scorer = build_scorer(scorer_config(config), run_dir, shards)
         session = run_dir.open_stage(STAGE, main=False)
 
     try:
@@ -175,10 +215,13 @@ class Selection:
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_EDGES.size - 1, np.int64))
     outputs: dict[str, Any] | None = None
     """What ``write`` produced (the output format's files and facts), for the manifest."""
+    share: Share | None = None
+    """An independent shard job's share of the input (``engine.select.shards``); None: the rank's."""
 
     @property
     def mine(self) -> list[int]:
-        return [i for i in range(len(self.shards)) if self.ranks.owns(i)]
+        owns = self.share.owns if self.share is not None else self.ranks.owns
+        return [i for i in range(len(self.shards)) if owns(i)]
 
     def run(self, on_shard_scored) -> dict[str, Any]:
         config, ranks = self.config, self.ranks
@@ -186,12 +229,11 @@ class Selection:
         self.events.emit(
             "start", shards=len(self.shards), budget=config.budget, unit=config.unit, scorer=self.scorer.name,
             temperature=config.temperature, seed=config.seed, world_size=ranks.world_size, resume=config.resume,
+            engine=config.engine, merge=config.merge,
         )
         # 1. Score every shard of this rank that has no valid score file yet. Only a few figures per shard
         # stay in memory; score arrays are read back one shard at a time, so memory follows the kept set.
-        self.reuse_score_files()
-        todo = [ShardJob(i, str(self.shards[i]), self.labels[i]) for i in self.mine if i not in self.totals]
-        ShardScoring(self, todo, on_shard_scored).run()
+        self.score(on_shard_scored)
         # 2. Totals over all ranks; then the global budget.
         budget = self.budget()
         # 3. Exact top-k: per rank over its own score files, merged on rank 0.
@@ -206,6 +248,22 @@ class Selection:
         return broadcast(ranks, manifest)
 
     # ---- the steps
+
+    def score(self, on_shard_scored) -> None:
+        """Score this rank's (or share's) shards that have no valid score file yet, with the engine
+        ``--engine`` names; a merge scores nothing and stops if any shard lacks its scores."""
+        self.reuse_score_files()
+        todo = [ShardJob(i, str(self.shards[i]), self.labels[i]) for i in self.mine if i not in self.totals]
+        if todo and self.config.merge:
+            from engine.select.shards import missing_scores_message
+
+            raise UserError(missing_scores_message(self.run_dir, self.labels, [job.index for job in todo]))
+        if self.config.engine == "ray" and todo:
+            from engine.select.ray_engine import RayShardScoring
+
+            RayShardScoring(self, todo, on_shard_scored).run()
+        else:
+            ShardScoring(self, todo, on_shard_scored).run()
 
     def reuse_score_files(self) -> None:
         identity = self.scorer.describe()  # once: for dsir it hashes the whole log-ratio table
