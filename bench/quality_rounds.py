@@ -83,7 +83,7 @@ def cross_target_overlap(work: Path, arms: list[str], seed: int, rounds: int) ->
 
 
 def run_arm(args, work: Path, arm: str, seed: int, target: Path, held_out: Path, prefix: str = "") -> dict:
-    name = f"{prefix}{arm}-s{seed}"
+    name = f"{prefix}{arm}{args.tag}-s{seed}"
     result_file = work / name / "rounds-result.json"
     if not result_file.exists():
         argv = [sys.executable, "-m", "blissctl", "rounds", "--pool", str(args.pool), "--val", str(target),
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--holdout", default=str(POOL / "c4-train.0000[4-7]-of-00008.jsonl.zst"),
                         help="shards, not in --pool, that target B's documents come from")
     parser.add_argument("--target-documents", type=int, default=400)
+    parser.add_argument("--tag", default="", help="a variant's suffix to its experiments' names (with --extra)")
     parser.add_argument("--summary-only", action="store_true",
                         help="run nothing: summarise the arm-seeds already finished in WORK")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more blissctl rounds flags")
@@ -152,12 +153,12 @@ def main() -> None:
     else:
         target, held_out = split_val(args.work)
     results: dict[str, dict[int, dict]] = {}
-    name = "quality_rounds" + (f"_B_{args.target_source}" if args.target_source else "")
+    name = "quality_rounds" + (f"_B_{args.target_source}" if args.target_source else "") + args.tag.replace("-", "_")
     for seed in args.seeds:
         for arm in args.arms:
-            if args.summary_only and not (args.work / f"{prefix}{arm}-s{seed}" / "rounds-result.json").exists():
+            if args.summary_only and not (args.work / f"{prefix}{arm}{args.tag}-s{seed}" / "rounds-result.json").exists():
                 continue
-            results.setdefault(arm, {})[seed] = run_arm(args, args.work, arm, seed, target, held_out, prefix)
+            results.setdefault(arm + args.tag, {})[seed] = run_arm(args, args.work, arm, seed, target, held_out, prefix)
             table = summary(results)
             extra = {"cross_target_jaccard": cross_target_overlap(args.work, args.arms, seed, args.rounds)} \
                 if args.target_source else {}
