@@ -1,6 +1,6 @@
 """Run the full BLISS method: rounds of selection and pretraining, the score model learning from the model being pretrained.
 
-The pool is split into rounds+1 disjoint parts (by shard, or by hash of document id when shards are few). Round 0 pretrains the model, and the proxy, on a random --budget of part 0. Each round r ≥ 1 trains the score model on part r (proxy reset to round 0's, score model continued, the latest model as the KL target), keeps the top --budget of part r, and continues pretraining the model on it at lr·0.5^r; a decayed side branch of each round is evaluated. Every stage is a blissctl command in its own run directory under RUNS_DIR/RUN/ (watch it with `blissctl dashboard RUNS_DIR/RUN`); --resume continues from the last finished stage with the same result as an uninterrupted run. With no --pool it runs on the embedded sample in a few minutes on 2 cores.
+The pool is split into rounds+1 disjoint parts (by shard, or by hash of document id when shards are few). Round 0 pretrains the model, and the proxy, on a random --budget of part 0. Each round r ≥ 1 trains the score model on part r (proxy reset to round 0's, score model continued, the latest model as the KL target), keeps the top --budget of part r, and continues pretraining the model on it at lr·0.5^r; a decayed side branch of each round is evaluated. Every stage is a blissctl command in its own run directory under RUNS_DIR/RUN/ (watch it with `blissctl dashboard RUNS_DIR/RUN`); --resume continues from the last finished stage with the same result as an uninterrupted run. With no --pool it runs on the embedded sample (about ten minutes on 2 cores, most of it the two train-scorer stages).
 
 Example: blissctl rounds --run rounds-bliss
 
@@ -109,20 +109,28 @@ def rounds_command(
 def print_rounds(result: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{result['name']}: one model, pretrained round after round", header_style="bold")
-    for column in ("round", "scorer", "docs kept", "threshold", "tokens trained", "val loss (decayed)",
-                   "val loss (main)", "drift ρ", "selection CPU-s", "pretrain CPU-s"):
+    # Short headers: ten columns must fit an 80-column terminal.
+    table = Table(title=f"{result['name']}: one model, pretrained round after round", header_style="bold",
+                  caption="val: validation loss of the decayed branch (main line in brackets); ρ: the score "
+                          "model's rank correlation with the round before", padding=(0, 1))
+    for column in ("round", "scorer", "kept", "thresh.", "tokens", "val", "ρ", "select s", "train s"):
         table.add_column(column, justify="right")
     for row in result["rounds"]:
-        table.add_row(str(row["round"]), row["scorer"], f"{row['documents_kept']:,}", _num(row["threshold"]),
-                      f"{row['tokens']:,}" if row["tokens"] is not None else "-", _num(row["val_loss"]),
-                      _num(row["val_loss_main"]), _num(row["drift_spearman"], 3), _num(row["selection_cpu_s"], 0),
-                      _num(row["pretrain_cpu_s"], 0))
+        main = f" ({row['val_loss_main']:.3f})" if row["val_loss_main"] is not None else ""
+        table.add_row(str(row["round"]), row["scorer"], f"{row['documents_kept']:,}", _num(row["threshold"], 3),
+                      _tokens(row["tokens"]), _num(row["val_loss"], 3) + main, _num(row["drift_spearman"], 2),
+                      _num(row["selection_cpu_s"], 0), _num(row["pretrain_cpu_s"], 0))
     console.print(table)
     for row in result["rounds"]:
         top = ", ".join(f"{source} {share:.0%}" for source, share in list(row["composition"].items())[:4])
         if top:
             console.print(f"round {row['round']} kept: {top}")
+
+
+def _tokens(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.0f}k"
 
 
 def _num(value, digits: int = 4) -> str:

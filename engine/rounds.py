@@ -53,7 +53,7 @@ drift between rounds."""
 @dataclass(frozen=True, kw_only=True)
 class RoundsSettings:
     """Everything ``blissctl rounds`` runs; recorded in ``experiment.json`` so a rerun knows whether it
-    may continue. Defaults work on the embedded sample in a few minutes on 2 cores."""
+    may continue. Defaults run on the embedded sample in about ten minutes on 2 cores."""
 
     pool: tuple[str, ...]
     """``--pool``: the candidate documents (files, folders, globs), split into ``rounds + 1`` parts."""

@@ -83,7 +83,9 @@ def test_default_run_selects_from_the_embedded_sample(tmp_path):
 
 
 def test_ctrl_c_then_resume_gives_the_uninterrupted_selection(tmp_path, small_tokenizer):
-    shards = [write_shard(tmp_path / "pool" / f"part-{i}.jsonl.zst", make_records(6000, seed=i)) for i in range(4)]
+    # Eight shards: after the first score file appears, seven are left to interrupt (four left too short a
+    # window on a loaded machine: the run finished before the signal came).
+    shards = [write_shard(tmp_path / "pool" / f"part-{i}.jsonl.zst", make_records(6000, seed=i)) for i in range(8)]
     common = ["select", "--input", str(tmp_path / "pool"), "--tokenizer", str(small_tokenizer), "--workers", "1",
               "--temperature", "0.3", "--runs-dir", str(tmp_path / "runs")]
     process = subprocess.Popen([sys.executable, "-m", "blissctl", *common, "--run", "cut"],
