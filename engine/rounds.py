@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from engine.data.pool_split import SPLIT_FILE, SPLITS, PoolSplit, choose_mode, split_pool
+from engine.data.pool_split import SPLIT_FILE, SPLITS, PoolSplit, choose_mode, deal_shards, split_pool
 from engine.errors import UserError
 from engine.eval.compare import composition, pretrain_curve, read_manifest, stage_done
 from engine.experiment import Stage, pretrain_argv, select_argv, train_scorer_argv
@@ -178,7 +178,7 @@ def stage_run(r: int, role: str) -> str:
     return f"r{r}-" + {"select": "select", "pretrain": "lm", "proxy": "proxy", "train-scorer": "scorer"}[role]
 
 
-def part_inputs(exp: Path, split: PoolSplit | None, settings: RoundsSettings, r: int) -> list[str]:
+def part_inputs(exp: Path, split: PoolSplit | None, r: int) -> list[str]:
     """What round ``r`` reads: its shards, or its folder of hashed documents (also before the split is
     written, for ``--dry-run``)."""
     if split is not None and split.mode == "shard":
@@ -193,7 +193,7 @@ def plan_rounds(settings: RoundsSettings, exp: Path, split: PoolSplit | None, th
     tokenizer = exp / stage_run(0, "select") / "tokenizer.json"  # round 0 trains it; every stage shares it
     last_scorer: str | None = None
     for r in range(settings.parts):
-        inputs = part_inputs(exp, split, settings, r)
+        inputs = part_inputs(exp, split, r)
         select = RunDir(exp / stage_run(r, "select"))
         if settings.trains_scorer(r):
             scorer = RunDir(exp / stage_run(r, "train-scorer"))
@@ -403,9 +403,12 @@ def run_rounds(settings: RoundsSettings, exp: Path, *, runner: Callable[[list[st
             atomic_write_json(exp / EXPERIMENT_FILE, experiment_record(settings, exp.name, stages, timings, split))
             check_selection_kept_something(stage)
 
-        run_stages(stages, runner=runner, announce=announce, finished=finished)
-        for stage in stages:  # stages done before a resume: still checked
-            check_selection_kept_something(stage)
+        def announce_checked(number: int, stage: Stage, argv: list[str] | None) -> None:
+            if argv is None:  # done before a resume: an empty selection still stops what would train on it
+                check_selection_kept_something(stage)
+            announce(number, stage, argv)
+
+        run_stages(stages, runner=runner, announce=announce_checked, finished=finished)
         result = rounds_result(settings, exp, stages, timings, split)
         atomic_write_json(exp / RESULT_FILE, result)
         (exp / REPORT_FILE).write_text(markdown_report(result))
@@ -425,8 +428,7 @@ def dry_run_plan(settings: RoundsSettings, exp: Path, threads: tuple[str, ...] =
         shards = discover_shards(list(settings.pool))
         mode = choose_mode(len(shards), settings.parts, settings.split)
         if mode == "shard":
-            split = PoolSplit(mode="shard", parts=tuple(tuple(str(p) for p in shards[k::settings.parts])
-                                                        for k in range(settings.parts)))
+            split = PoolSplit(mode="shard", parts=deal_shards(shards, settings.parts))
     return command_lines(plan_rounds(settings, exp, split, threads))
 
 
@@ -489,7 +491,7 @@ def score_model_drift(exp: Path, stages: list[Stage], split: PoolSplit, settings
 
     first = RunDir(scorer_rounds[0][1])
     tokenizer = load_tokenizer(first.tokenizer_path)
-    probe = tokenised_documents(discover_shards(part_inputs(exp, split, settings, 0)),
+    probe = tokenised_documents(discover_shards(part_inputs(exp, split, 0)),
                                 prefix_encoder(tokenizer, settings.scorer_seq_len), limit=PROBE_DOCUMENTS)
     scores = {}
     for r, root in scorer_rounds:

@@ -69,6 +69,11 @@ def choose_mode(n_shards: int, parts: int, requested: str = "auto") -> str:
     return "shard" if n_shards >= parts and (n_shards % parts == 0 or n_shards >= 4 * parts) else "hash"
 
 
+def deal_shards(shards: list, parts: int) -> tuple[tuple[str, ...], ...]:
+    """``shard`` mode's parts: the sorted shards dealt round-robin (part k gets shards k, k + parts, ...)."""
+    return tuple(tuple(str(p) for p in shards[k::parts]) for k in range(parts))
+
+
 def document_part(label: str, line: int, parts: int, seed: int) -> int:
     digest = hashlib.blake2b(f"{seed}\0{label}\0{line}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % parts
@@ -86,8 +91,7 @@ def split_pool(sources: tuple[str, ...], parts: int, folder: Path, *, seed: int 
     shards = discover_shards(list(sources))
     chosen = choose_mode(len(shards), parts, mode)
     if chosen == "shard":
-        split = PoolSplit(mode="shard", parts=tuple(tuple(str(p) for p in shards[k::parts]) for k in range(parts)),
-                          seed=seed, sources=tuple(sources))
+        split = PoolSplit(mode="shard", parts=deal_shards(shards, parts), seed=seed, sources=tuple(sources))
     else:
         split = _hash_split(shards, parts, folder / "pool", seed=seed, sources=tuple(sources), progress=progress)
         small = [k for k, n in enumerate(split.documents) if n < MIN_PART_DOCUMENTS]
