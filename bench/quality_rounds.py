@@ -93,6 +93,9 @@ def run_arm(args, work: Path, arm: str, seed: int, target: Path, held_out: Path,
                 *ARMS[arm], *args.extra]
         if (work / name / "experiment.json").exists():
             argv.append("--resume")
+        shared = work / f"{prefix}bliss-s{seed}"  # round 0 is the same for every variant: start from the base's
+        if args.tag and (shared / "rounds-result.json").exists() and "--round0-from" not in args.extra:
+            argv += ["--round0-from", str(shared)]
         print(f"== {name}", flush=True)
         cost = run_command(argv, log=work / f"{name}.log", threads=args.threads)
         if not result_file.exists():

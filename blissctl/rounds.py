@@ -49,6 +49,7 @@ def rounds_command(
     scorer_seq_len: Annotated[int, Opt("--scorer-seq-len", help="Tokens per document the proxy and score model see.", rich_help_panel=SCORER)] = 128,  # noqa: E501
     scorer_batch_size: Annotated[int, Opt("--scorer-batch-size", help="Documents per bilevel batch.", rich_help_panel=SCORER)] = 16,  # noqa: E501
     inner_steps: Annotated[int, Opt("--inner-steps", help="K: proxy steps per outer step.", rich_help_panel=SCORER)] = 5,
+    z_steps: Annotated[int, Opt("--z-steps", help="Iterations of each outer step's z-solve.", rich_help_panel=SCORER)] = 3,  # noqa: E501
     lr_proxy: Annotated[float | None, Opt("--lr-proxy", help="Proxy learning rate in the bilevel phase. Default: the preset's.", rich_help_panel=SCORER)] = None,  # noqa: E501
     lr_scorer: Annotated[float, Opt("--lr-scorer", help="Score model learning rate.", rich_help_panel=SCORER)] = 1e-4,
     gamma: Annotated[float, Opt("--gamma", help="Weight of KL(latest model ‖ proxy).", rich_help_panel=SCORER)] = 1e-2,
@@ -61,6 +62,7 @@ def rounds_command(
     threads: Annotated[int | None, Opt("--threads", help="Torch threads of every stage. Default: the machine's cores (pinned, so a rerun gives the same figures).", rich_help_panel=RUN)] = None,  # noqa: E501
     resume: Annotated[bool, Opt("--resume", help="Continue a stopped experiment from its last finished stage.", rich_help_panel=RUN)] = False,  # noqa: E501
     force: Annotated[bool, Opt("--force", help="Remove what this experiment wrote and start over.", rich_help_panel=RUN)] = False,  # noqa: E501
+    round0_from: Annotated[str | None, Opt("--round0-from", metavar="EXPERIMENT", help="Start from this experiment's round 0 (copied): compare arms or score-model settings on one round 0.", rich_help_panel=RUN)] = None,  # noqa: E501
     dry_run: Annotated[bool, Opt("--dry-run", help="Print the blissctl commands the experiment runs; write nothing.", rich_help_panel=RUN)] = False,  # noqa: E501
 ) -> None:
     from blissctl.demo import _parse_amount
@@ -78,8 +80,8 @@ def rounds_command(
         seq_len=seq_len, batch_tokens=batch_tokens, round_tokens=_parse_amount(round_tokens, "--round-tokens"), lr=lr,
         lr_factor=lr_factor, decay_steps=decay_steps, eval_points=eval_points, proxy=proxy, proxy_steps=proxy_steps,
         scorer_steps=scorer_steps, scorer_seq_len=scorer_seq_len, scorer_batch_size=scorer_batch_size,
-        inner_steps=inner_steps, lr_proxy=lr_proxy, lr_scorer=lr_scorer, gamma=gamma, score_scale=score_scale, chunks=chunks, seed=seed,
-        device=device, tokenizer=tokenizer,
+        inner_steps=inner_steps, z_steps=z_steps, lr_proxy=lr_proxy, lr_scorer=lr_scorer, gamma=gamma, score_scale=score_scale, chunks=chunks, seed=seed,
+        device=device, tokenizer=tokenizer, round0_from=_experiment_path(round0_from, runs_dir),
     )
     exp = RunDir.named(run, runs_dir).root
     pinned = ("--threads", str(threads)) if threads is not None else pinned_threads()
@@ -104,6 +106,14 @@ def rounds_command(
     print_rounds(result)
     console.print(f"{time.perf_counter() - started:.0f} s; results in {exp / 'rounds-result.json'} and "
                   f"{exp / 'rounds.md'}; watch or compare with: blissctl dashboard {exp}", soft_wrap=True)
+
+
+def _experiment_path(value: str | None, runs_dir: Path) -> str | None:
+    """An experiment folder given as a path, or by name under --runs-dir; recorded absolute."""
+    if value is None:
+        return None
+    path = Path(value) if Path(value).is_dir() or "/" in value else runs_dir / value
+    return str(path.resolve())
 
 
 def print_rounds(result: dict) -> None:

@@ -98,6 +98,8 @@ class RoundsSettings:
     scorer_seq_len: int = 128
     scorer_batch_size: int = 16
     inner_steps: int = 5
+    z_steps: int = 3
+    """``--z-steps``: iterations of each outer step's z-solve (the reference: 3)."""
     lr_proxy: float | None = None
     """``--lr-proxy``: the proxy's rate in the bilevel phase (default: the preset's)."""
     lr_scorer: float = 1e-4
@@ -113,6 +115,9 @@ class RoundsSettings:
     tokenizer: str | None = None
     """``--tokenizer``: the experiment's tokenizer (a tokenizer.json or hub id); default: a BPE trained on
     part 0 by round 0's select. Every stage uses round 0's saved copy."""
+    round0_from: str | None = None
+    """``--round0-from``: another experiment whose round 0 this one starts from (copied, not rerun): arms
+    and score-model settings compared on one round 0, which does not depend on them."""
 
     def __post_init__(self) -> None:
         check_config_integers(self)
@@ -126,7 +131,7 @@ class RoundsSettings:
                             ("--eval-points", self.eval_points), ("--proxy-steps", self.proxy_steps),
                             ("--scorer-steps", self.scorer_steps), ("--scorer-seq-len", self.scorer_seq_len),
                             ("--scorer-batch-size", self.scorer_batch_size), ("--inner-steps", self.inner_steps),
-                            ("--chunks", self.chunks), ("--seq-len", self.seq_len)):
+                            ("--chunks", self.chunks), ("--seq-len", self.seq_len), ("--z-steps", self.z_steps)):
             if value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
         if self.scorer_rounds < 0 or self.seed < 0:
@@ -200,7 +205,7 @@ def plan_rounds(settings: RoundsSettings, exp: Path, split: PoolSplit | None, th
             extra = ["--proxy-init", str(exp / stage_run(0, "proxy")), "--target",
                      str(exp / stage_run(r - 1, "pretrain")), "--gamma", f"{settings.gamma:g}",
                      "--lr-scorer", f"{settings.lr_scorer:g}", "--inner-steps", str(settings.inner_steps),
-                     "--score-scale", f"{settings.score_scale:g}",
+                     "--z-steps", str(settings.z_steps), "--score-scale", f"{settings.score_scale:g}",
                      "--checkpoint-every", str(max(1, settings.scorer_steps // 3)), "--no-tensorboard",
                      *(["--lr-proxy", f"{settings.lr_proxy:g}"] if settings.lr_proxy else []),
                      *(["--score-init", str(exp / last_scorer)] if last_scorer else []), *threads]
@@ -298,6 +303,59 @@ def _settings_dict(settings: RoundsSettings) -> dict:
     return orjson.loads(orjson.dumps(asdict(settings)))
 
 
+SETTINGS_BEFORE = {"z_steps": 3, "round0_from": None}
+"""Settings added since experiments were first recorded, at the value those experiments ran with."""
+
+ROUND_ONWARD = frozenset({"scorer", "scorer_rounds", "scorer_steps", "inner_steps", "z_steps", "lr_proxy",
+                          "lr_scorer", "gamma", "score_scale", "lr_factor", "round0_from"})
+"""Settings that round 0 does not depend on (it pretrains on a random share whatever the arm): two
+experiments that differ only in these have the same round 0, so one may start from the other's."""
+
+
+def recorded_settings(record: dict) -> dict:
+    return {**SETTINGS_BEFORE, **(record.get("settings") or {})}
+
+
+def _stage_done_in(stage: Stage, folder: Path) -> bool:
+    if stage.role == "select":
+        return (folder / "selected" / "manifest.json").exists()
+    return stage_done(folder, "pretrain")
+
+
+def copy_round0(settings: RoundsSettings, exp: Path, stages: list[Stage], timings: dict,
+                say: Callable[[str], None] = lambda line: None) -> None:
+    """Start from ``--round0-from``'s finished round-0 stages: copied into this experiment (so it stays
+    whole if the other one is removed), their timings with them. A stage the other experiment lacks (the
+    proxy of a random arm) runs here as usual."""
+    import shutil
+
+    source = Path(settings.round0_from)
+    record_path = source / EXPERIMENT_FILE
+    if not record_path.exists():
+        raise UserError(f"--round0-from {source}: not a blissctl rounds experiment (no {EXPERIMENT_FILE})")
+    record = orjson.loads(record_path.read_bytes())
+    theirs, ours = recorded_settings(record), _settings_dict(settings)
+    differ = sorted(k for k in ours if k not in ROUND_ONWARD and theirs.get(k) != ours[k])
+    if differ:
+        raise UserError(f"--round0-from {source.name}: its round 0 ran with other "
+                        f"{', '.join('--' + k.replace('_', '-') for k in differ)}; round 0 must match to be shared")
+    for stage in stages:
+        if stage.round != 0 or stage.done():
+            continue
+        origin = source / stage.run_dir.name
+        if not _stage_done_in(stage, origin):
+            continue
+        if stage.run_dir.exists():  # a copy cut short by a kill: copy again
+            shutil.rmtree(stage.run_dir)
+        partial = stage.run_dir.with_name(stage.run_dir.name + ".copying")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(origin, partial, ignore=shutil.ignore_patterns(".lock"))
+        partial.rename(stage.run_dir)
+        if stage.run_dir.name in (record.get("timings") or {}):
+            timings[stage.run_dir.name] = dict(record["timings"][stage.run_dir.name], copied_from=str(source))
+        say(f"round 0: {stage.run_dir.name} copied from {origin}")
+
+
 def prepare_experiment(settings: RoundsSettings, exp: Path, *, resume: bool, force: bool) -> dict:
     """Check ``exp`` against these settings and return its timings so far: a new experiment starts, one
     with other settings is refused, a stopped one needs ``--resume``; ``force`` removes only what the
@@ -313,8 +371,9 @@ def prepare_experiment(settings: RoundsSettings, exp: Path, *, resume: bool, for
     record = orjson.loads(record_path.read_bytes())
     if record.get("kind") != "rounds":
         raise UserError(f"{record_path} is not a rounds experiment")
-    if record.get("settings") != _settings_dict(settings):
-        changed = sorted(k for k, v in _settings_dict(settings).items() if record["settings"].get(k) != v)
+    recorded = recorded_settings(record)
+    if recorded != _settings_dict(settings):
+        changed = sorted(k for k, v in _settings_dict(settings).items() if recorded.get(k) != v)
         raise UserError(f"experiment {exp.name} was run with other settings ({', '.join('--' + k.replace('_', '-') for k in changed)}); "
                         "pass --force to redo it with these, or choose another --run")
     finished = (exp / RESULT_FILE).exists()
@@ -396,6 +455,8 @@ def run_rounds(settings: RoundsSettings, exp: Path, *, runner: Callable[[list[st
                            progress=lambda label: say(f"split: {label}"))
         check_budget_leaves_rounds_something(settings, split)
         stages = plan_rounds(settings, exp, split, threads)
+        if settings.round0_from:
+            copy_round0(settings, exp, stages, timings, say)
         atomic_write_json(exp / EXPERIMENT_FILE, experiment_record(settings, exp.name, stages, timings, split))
 
         def finished(stage: Stage) -> None:
@@ -429,7 +490,13 @@ def dry_run_plan(settings: RoundsSettings, exp: Path, threads: tuple[str, ...] =
         mode = choose_mode(len(shards), settings.parts, settings.split)
         if mode == "shard":
             split = PoolSplit(mode="shard", parts=deal_shards(shards, settings.parts))
-    return command_lines(plan_rounds(settings, exp, split, threads))
+    stages = plan_rounds(settings, exp, split, threads)
+    if not settings.round0_from:
+        return command_lines(stages)
+    source = Path(settings.round0_from)
+    return [f"# copy {stage.run_dir.name} from {source / stage.run_dir.name}" if stage.round == 0
+            and _stage_done_in(stage, source / stage.run_dir.name) else line
+            for stage, line in zip(stages, command_lines(stages), strict=True)]
 
 
 # ---- results ------------------------------------------------------------------------------------------

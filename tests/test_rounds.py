@@ -144,6 +144,53 @@ def test_bad_settings_are_one_line(changes, message):
         settings("pool", "val", **changes)
 
 
+def _fake_done_round0(exp: Path, settings_used: RoundsSettings) -> None:
+    """Round 0's three stages as finished folders, and the record naming them (no process runs)."""
+    from engine.rounds import experiment_record
+
+    stages = plan_rounds(settings_used, exp, None)
+    for stage in stages:
+        if stage.round != 0:
+            continue
+        stage.run_dir.mkdir(parents=True)
+        if stage.role == "select":
+            (stage.run_dir / "selected").mkdir()
+            (stage.run_dir / "selected" / "manifest.json").write_text("{}")
+            (stage.run_dir / "tokenizer.json").write_text("tok")
+        else:
+            events = [{"stage": "pretrain", "kind": "start"}, {"stage": "pretrain", "kind": "done"}]
+            (stage.run_dir / "events.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    record = experiment_record(settings_used, exp.name, stages, {"r0-lm": {"cpu_s": 12.5}}, None)
+    (exp / "experiment.json").write_bytes(orjson.dumps(record))
+
+
+def test_round0_from_copies_a_matching_round_0_and_refuses_one_that_differs(tmp_path):
+    from engine.rounds import copy_round0
+
+    pool = str(pool_of(tmp_path / "pool", 2, 20)[0].parent)
+    base = tmp_path / "runs" / "base"
+    _fake_done_round0(base, settings(pool, "val.jsonl", rounds=2))
+    # Score-model settings and the arm do not change round 0: it is copied, timings with it.
+    variant = settings(pool, "val.jsonl", rounds=2, lr_scorer=1e-3, z_steps=1, round0_from=str(base))
+    exp = tmp_path / "runs" / "variant"
+    stages = plan_rounds(variant, exp, None)
+    timings: dict = {}
+    copy_round0(variant, exp, stages, timings)
+    assert [s.run_dir.name for s in stages if s.done()] == ["r0-select", "r0-lm", "r0-proxy"]
+    assert (exp / "r0-select" / "tokenizer.json").read_text() == "tok"
+    assert timings["r0-lm"]["cpu_s"] == 12.5 and timings["r0-lm"]["copied_from"] == str(base)
+    assert not list(exp.glob("*.copying"))
+    fresh = dry_run_plan(variant, tmp_path / "runs" / "other")
+    assert fresh[0].startswith("# copy r0-select from") and fresh[3].startswith("blissctl train-scorer")
+    # A setting round 0 depends on is refused, named.
+    other = settings(pool, "val.jsonl", rounds=2, round_tokens=500_000, round0_from=str(base))
+    with pytest.raises(UserError, match="--round-tokens"):
+        copy_round0(other, tmp_path / "runs" / "x", plan_rounds(other, tmp_path / "runs" / "x", None), {})
+    nothing = settings(pool, "val.jsonl", rounds=2, round0_from=str(tmp_path / "runs" / "variant" / "r0-lm"))
+    with pytest.raises(UserError, match="not a blissctl rounds experiment"):
+        copy_round0(nothing, tmp_path / "runs" / "y", plan_rounds(nothing, tmp_path / "runs" / "y", None), {})
+
+
 # --- end to end -----------------------------------------------------------------------------------------
 
 
@@ -206,6 +253,14 @@ def test_an_experiment_killed_anywhere_resumes_to_exactly_the_uninterrupted_resu
         a = _latest_weights(reference / "exp" / stage)
         b = _latest_weights(killed / "exp" / stage)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # An experiment started from the reference's round 0 (copied, not rerun) gives the same rounds.
+    shared = subprocess.run(rounds_command(pool, val, root / "shared", "--round0-from", str(reference / "exp"),
+                                           tokenizer=tokenizer), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert shared.returncode == 0, shared.stdout[-3000:] + shared.stderr[-3000:]
+    assert "copied from" in shared.stdout
+    got = orjson.loads((root / "shared" / "exp" / "rounds-result.json").read_bytes())
+    assert [r["val_loss"] for r in got["rounds"]] == [r["val_loss"] for r in expected["rounds"]]
 
     # Other settings on the same experiment are refused, naming what changed.
     other = CliRunner().invoke(app, rounds_command(pool, val, killed, "--budget", "30%", "--resume",
