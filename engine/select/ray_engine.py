@@ -39,12 +39,10 @@ import numpy as np
 from engine.data.workers import DocBatch, ShardDone, ShardJob, TokenizeSpec, process_shard
 from engine.errors import UserError
 from engine.select.config import SelectConfig
-from engine.select.manifest import HISTOGRAM_EDGES, score_histogram
+from engine.select.manifest import score_histogram
 from engine.select.score_files import save_shard_scores, score_file
 from engine.select.scorers.base import ShardBatch
 from engine.select.stage import (
-    HISTOGRAM_EVERY_S,
-    PROGRESS_EVERY_S,
     ScoringRates,
     ShardAccumulator,
     ShardScoring,
@@ -177,7 +175,7 @@ class RayShardScoring(ShardScoring):
     def run(self) -> None:
         ray = require_ray()
         selection = self.selection
-        scorer, config, events = selection.scorer, selection.config, selection.events
+        scorer, config = selection.scorer, selection.config
         started_here = connect(config)
         self.rates = ScoringRates()  # docs/s from here: starting a local cluster is not scoring
         try:
@@ -186,7 +184,7 @@ class RayShardScoring(ShardScoring):
             jobs = {job.index: job for job in self.todo}
             flights: dict[int, ShardInFlight] = {}
             identity = scorer.describe()
-            last_progress = last_histogram = time.perf_counter()
+            self.last_progress = self.last_histogram = time.perf_counter()
             for row in dataset.iter_rows():
                 index, kind = int(row["shard"]), str(row["kind"])
                 flight = flights.setdefault(index, ShardInFlight(batches={}))
@@ -206,14 +204,7 @@ class RayShardScoring(ShardScoring):
                     selection.histogram += score_histogram(scores)
                 if flight.complete:
                     self.save(jobs[index], flights.pop(index), identity)
-                now = time.perf_counter()
-                if now - last_progress >= PROGRESS_EVERY_S:
-                    last_progress = now
-                    self.emit_progress()
-                if now - last_histogram >= HISTOGRAM_EVERY_S:
-                    last_histogram = now
-                    events.emit("histogram", edges=HISTOGRAM_EDGES.tolist(), counts=selection.histogram.tolist(),
-                                threshold=None)
+                self.emit_when_due()
             unfinished = [jobs[i].label for i in flights]
             if unfinished:  # Ray finished the dataset without some shard's last row: never keep half a shard
                 raise RuntimeError(f"ray engine: shards {unfinished[:3]} came back incomplete")

@@ -484,7 +484,7 @@ class ShardScoring:
 
     def run(self) -> None:
         selection = self.selection
-        scorer, config, events = selection.scorer, selection.config, selection.events
+        scorer, config = selection.scorer, selection.config
         spec = TokenizeSpec(
             tokenizer_path=str(selection.run_dir.tokenizer_path), max_tokens=scorer.max_tokens,
             ship_tokens=scorer.needs_tokens, exact_counts=config.exact_token_counts,
@@ -497,7 +497,7 @@ class ShardScoring:
         jobs = {job.index: job for job in self.todo}
         parts: dict[int, ShardAccumulator] = {}
         identity = scorer.describe()
-        last_progress = last_histogram = time.perf_counter()
+        self.last_progress = self.last_histogram = time.perf_counter()
         pipeline = ShardPipeline(self.todo, spec, config.workers)
         try:
             for message in pipeline:
@@ -525,17 +525,21 @@ class ShardScoring:
                         self.on_shard_scored(job.label)
                 elif isinstance(message, ShardFailed):
                     raise UserError(message.message)
-                now = time.perf_counter()
-                if now - last_progress >= PROGRESS_EVERY_S:
-                    last_progress = now
-                    self.emit_progress()
-                if now - last_histogram >= HISTOGRAM_EVERY_S:
-                    last_histogram = now
-                    events.emit("histogram", edges=HISTOGRAM_EDGES.tolist(), counts=selection.histogram.tolist(),
-                                threshold=None)
+                self.emit_when_due()
         finally:
             pipeline.close()
         self.emit_progress()
+
+    def emit_when_due(self) -> None:
+        """The progress and histogram events, each at most every so many seconds."""
+        now = time.perf_counter()
+        if now - self.last_progress >= PROGRESS_EVERY_S:
+            self.last_progress = now
+            self.emit_progress()
+        if now - self.last_histogram >= HISTOGRAM_EVERY_S:
+            self.last_histogram = now
+            self.selection.events.emit("histogram", edges=HISTOGRAM_EDGES.tolist(),
+                                       counts=self.selection.histogram.tolist(), threshold=None)
 
     def emit_progress(self) -> None:
         figures = self.rates.figures()
