@@ -128,6 +128,76 @@ def summary(results: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
+def partial_result(exp: Path, rounds: int) -> dict | None:
+    """The finished rounds of a stopped experiment (decayed loss, selection CPU), None before round 1."""
+    from engine.eval.compare import pretrain_curve, stage_done
+
+    timings = orjson.loads((exp / "experiment.json").read_bytes()).get("timings") or {}
+    done = [r for r in range(rounds + 1) if stage_done(exp / f"r{r}-lm", "pretrain")]
+    if len(done) < 2 or done != list(range(len(done))):
+        return None
+    rows = []
+    for r in done:
+        decayed = pretrain_curve(exp / f"r{r}-lm", branch="decay")
+        cpu = sum(t.get("cpu_s", 0) for name, t in timings.items() if name.startswith(f"r{r}-") and name != f"r{r}-lm")
+        rows.append({"round": r, "val_loss": decayed[-1][1] if decayed else None, "selection_cpu_s": cpu})
+    curve = [point for r in done for point in pretrain_curve(exp / f"r{r}-lm")]
+    return {"rounds": rows, "curve": curve, "final_val_loss": None, "stopped_after_round": done[-1]}
+
+
+def tuning_table(work: Path, rounds: int) -> dict:
+    """Every tuning attempt in WORK (a tagged ``bliss`` experiment, ``--tag``), per target and seed, beside
+    the untagged arms of that target and seed: the flags it changed, per-round decayed losses, speed-up
+    over random and DSIR, selection CPU-seconds; with both targets run, the cross-target Jaccard."""
+    from engine.rounds import recorded_settings
+
+    rows = []
+    for exp in sorted(work.glob("*bliss*-s*")):
+        result_file = exp / "rounds-result.json"
+        if not exp.is_dir() or not (exp / "experiment.json").exists():
+            continue
+        prefix = "B-" if exp.name.startswith("B-") else ""
+        arm_tag, seed = exp.name[len(prefix):].rsplit("-s", 1)
+        if result_file.exists():
+            result = orjson.loads(result_file.read_bytes())
+        else:  # stopped after some rounds (a screened attempt): the rounds it finished
+            result = partial_result(exp, rounds)
+            if result is None:
+                continue
+        base = work / f"{prefix}bliss-s{seed}"
+        flags = {}
+        if base != exp and (base / "experiment.json").exists():
+            ours = recorded_settings(orjson.loads((exp / "experiment.json").read_bytes()))
+            theirs = recorded_settings(orjson.loads((base / "experiment.json").read_bytes()))
+            flags = {k: ours[k] for k in ours if k != "round0_from" and ours[k] != theirs.get(k)}
+
+        def curve(arm):
+            path = work / f"{prefix}{arm}-s{seed}" / "rounds-result.json"
+            return orjson.loads(path.read_bytes())["curve"] if path.exists() else None
+
+        random_curve, dsir_curve = curve("random"), curve("dsir")
+        other = work / (exp.name[2:] if prefix else "B-" + exp.name)
+        jaccard = None
+        if prefix == "" and other.is_dir():
+            jaccard = [round(overlap(kept_lines(other / f"r{r}-select"), kept_lines(exp / f"r{r}-select"))[1], 3)
+                       for r in range(1, rounds + 1)
+                       if (other / f"r{r}-select" / "selected" / "manifest.json").exists()
+                       and (exp / f"r{r}-select" / "selected" / "manifest.json").exists()]
+        rows.append({
+            "experiment": exp.name, "target": "B" if prefix else "A", "seed": int(seed), "variant": arm_tag,
+            "flags": flags, "decayed": [round(x["val_loss"], 4) for x in result["rounds"]],
+            "final_val_loss": result["final_val_loss"],
+            "stopped_after_round": result.get("stopped_after_round"),
+            "speedup_vs_random": speedup(random_curve, result["curve"]) if random_curve and result["final_val_loss"] else None,
+            "speedup_vs_dsir": speedup(dsir_curve, result["curve"]) if dsir_curve and result["final_val_loss"] else None,
+            "dsir_same_round_val_loss": (orjson.loads((work / f"{prefix}dsir-s{seed}" / "rounds-result.json").read_bytes())
+                                         ["rounds"][len(result["rounds"]) - 1]["val_loss"] if dsir_curve else None),
+            "selection_cpu_s": round(sum(x["selection_cpu_s"] or 0 for x in result["rounds"]), 1),
+            "cross_target_jaccard": jaccard,
+        })
+    return {"attempts": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work-rounds")
@@ -148,8 +218,22 @@ def main() -> None:
     parser.add_argument("--summary-only", action="store_true",
                         help="run nothing: summarise the arm-seeds already finished in WORK")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more blissctl rounds flags")
+    parser.add_argument("--tuning", action="store_true",
+                        help="run nothing: table every tuning attempt (tagged bliss experiment) in WORK")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.tuning:
+        table = tuning_table(args.work, args.rounds)
+        record("quality_rounds_tuning", {"settings": {"work": str(args.work), "rounds": args.rounds}, **table})
+        print(f"{'experiment':<28} {'flags':<44} {'decayed loss per round':<32} {'×rand':>6} {'×DSIR':>6} "
+              f"{'DSIR':>7} {'sel CPU-s':>9} {'Jaccard A/B'}")
+        for row in table["attempts"]:
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in row["flags"].items()) or "(the defaults)"
+            print(f"{row['experiment']:<28} {flags:<44} {' '.join(f'{x:.4f}' for x in row['decayed']):<32} "
+                  f"{_x(row['speedup_vs_random']):>6} {_x(row['speedup_vs_dsir']):>6} "
+                  f"{row['dsir_same_round_val_loss'] or 0:>7.4f} {row['selection_cpu_s']:>9.0f} "
+                  f"{row['cross_target_jaccard'] or ''}")
+        return
     prefix = "B-" if args.target_source else ""
     if args.target_source:
         target, held_out = second_target(args.work, args.target_source, args.holdout, args.target_documents)
