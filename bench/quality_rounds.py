@@ -171,7 +171,7 @@ def tuning_table(work: Path, rounds: int) -> dict:
             theirs = recorded_settings(orjson.loads((base / "experiment.json").read_bytes()))
             flags = {k: ours[k] for k in ours if k != "round0_from" and ours[k] != theirs.get(k)}
 
-        def curve(arm):
+        def curve(arm, prefix=prefix, seed=seed):
             path = work / f"{prefix}{arm}-s{seed}" / "rounds-result.json"
             return orjson.loads(path.read_bytes())["curve"] if path.exists() else None
 

@@ -35,7 +35,7 @@ import orjson
 
 from engine.data.pool_split import SPLIT_FILE, SPLITS, PoolSplit, choose_mode, deal_shards, split_pool
 from engine.errors import UserError
-from engine.eval.compare import composition, pretrain_curve, read_manifest, stage_done
+from engine.eval.compare import composition, gpu_seconds, pretrain_curve, read_manifest, stage_done
 from engine.experiment import Stage, pretrain_argv, select_argv, train_scorer_argv
 from engine.models.presets import model_preset
 from engine.run_dir import RunDir, atomic_write_json, check_config_integers, check_run_name
@@ -506,7 +506,7 @@ def rounds_result(settings: RoundsSettings, exp: Path, stages: list[Stage], timi
                   split: PoolSplit) -> dict:
     """Per round: the evaluation branch's validation loss, the main line's, the tokens trained, the
     selection's size, threshold and composition, the score model's drift from the round before, and the
-    CPU-seconds of each stage."""
+    CPU-seconds and GPU-seconds of each stage."""
     rounds = []
     drift = score_model_drift(exp, stages, split, settings)
     for r in range(settings.parts):
@@ -515,6 +515,7 @@ def rounds_result(settings: RoundsSettings, exp: Path, stages: list[Stage], timi
         manifest = read_manifest(exp / stage_run(r, "select") / "selected")
         in_round = [s for s in stages if s.round == r]
         costs = {s.role: timings.get(s.run_dir.name, {}) for s in in_round}
+        gpu = {s.role: gpu_seconds(s.run_dir, "pretrain" if s.role == "proxy" else s.role) for s in in_round}
         rounds.append({
             "round": r,
             "scorer": "random" if r == 0 else settings.scorer,
@@ -531,6 +532,9 @@ def rounds_result(settings: RoundsSettings, exp: Path, stages: list[Stage], timi
             "cost_cpu_s_by_stage": {role: cost.get("cpu_s") for role, cost in costs.items()},
             "selection_cpu_s": sum(cost.get("cpu_s", 0.0) for role, cost in costs.items() if role != "pretrain"),
             "pretrain_cpu_s": costs.get("pretrain", {}).get("cpu_s"),
+            "gpu_s_by_stage": gpu,
+            "selection_gpu_s": round(sum(v for role, v in gpu.items() if role != "pretrain"), 1),
+            "pretrain_gpu_s": gpu.get("pretrain", 0.0),
         })
     curve: list[tuple[int, float]] = []
     for r in range(settings.parts):
@@ -583,6 +587,10 @@ def markdown_report(result: dict) -> str:
     rows = [[row["round"], row["scorer"], row["documents_kept"], row["tokens_kept"], row["threshold"], row["val_loss"],
              row["val_loss_main"], row["tokens"], row["drift_spearman"], row["selection_cpu_s"], row["pretrain_cpu_s"]]
             for row in result["rounds"]]
+    if any(row.get("selection_gpu_s") or row.get("pretrain_gpu_s") for row in result["rounds"]):
+        header += ["selection GPU-s", "pretrain GPU-s"]
+        for cells, row in zip(rows, result["rounds"], strict=True):
+            cells += [row["selection_gpu_s"], row["pretrain_gpu_s"]]
     lines = [f"# rounds: {result['name']}", "", f"Split: {result['split']['mode']}.", "",
              markdown_table(header, rows), ""]
     for row in result["rounds"]:

@@ -97,6 +97,23 @@ def stage_done(run_root: Path | str, stage: str) -> bool:
     return done
 
 
+def gpu_seconds(run_root: Path | str, stage: str) -> float:
+    """The GPU-seconds a stage held: for each launch (a ``start`` event), the time to that launch's last
+    event × the GPUs it ran on (its ``world_size`` on a CUDA device, none on a CPU). A killed launch
+    counts too, up to its last event."""
+    total, launch_start, launch_end, gpus = 0.0, None, None, 0
+    for event in [*read_events(run_root, stage), {"kind": "start"}]:  # the sentinel closes the last launch
+        if event.get("kind") == "start":
+            if launch_start is not None:
+                total += (launch_end - launch_start) * gpus
+            launch_start = launch_end = event.get("ts")
+            cuda = str(event.get("device", "cpu")).startswith("cuda")
+            gpus = int(event.get("world_size") or 1) if cuda else 0
+        elif launch_start is not None and event.get("ts") is not None:
+            launch_end = event["ts"]
+    return round(total, 1)
+
+
 def read_manifest(selected: Path | str) -> dict[str, Any]:
     return orjson.loads((Path(selected) / "manifest.json").read_bytes())
 

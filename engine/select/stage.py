@@ -229,7 +229,7 @@ class Selection:
         self.events.emit(
             "start", shards=len(self.shards), budget=config.budget, unit=config.unit, scorer=self.scorer.name,
             temperature=config.temperature, seed=config.seed, world_size=ranks.world_size, resume=config.resume,
-            engine=config.engine, merge=config.merge,
+            engine=config.engine, merge=config.merge, device=ranks.device,
         )
         # 1. Score every shard of this rank that has no valid score file yet. Only a few figures per shard
         # stay in memory; score arrays are read back one shard at a time, so memory follows the kept set.

@@ -7,6 +7,7 @@ import pytest
 
 from engine.eval.compare import (
     composition,
+    gpu_seconds,
     last_eval,
     loss_table,
     markdown_table,
@@ -104,6 +105,21 @@ def test_stage_done_follows_the_last_start(tmp_path):
     assert stage_done(run, "pretrain") and not stage_done(run, "select")
     write_events(run, [{"ts": 1, "stage": "pretrain", "kind": "done"}, {"ts": 2, "stage": "pretrain", "kind": "start"}])
     assert not stage_done(run, "pretrain")
+
+
+def test_gpu_seconds_count_every_launch_on_cuda_times_its_gpus_and_nothing_on_a_cpu(tmp_path):
+    run = tmp_path / "r"
+    write_events(run, [
+        {"ts": 100, "stage": "pretrain", "kind": "start", "device": "cuda:0", "world_size": 2},
+        {"ts": 130, "stage": "pretrain", "kind": "eval"},  # killed here: 30 s on 2 GPUs still count
+        {"ts": 200, "stage": "pretrain", "kind": "start", "device": "cuda:0", "world_size": 2},
+        {"ts": 210, "stage": "pretrain", "kind": "done"},
+        {"ts": 300, "stage": "select", "kind": "start", "device": "cpu", "world_size": 1},
+        {"ts": 350, "stage": "select", "kind": "done"},
+    ])
+    assert gpu_seconds(run, "pretrain") == 2 * 30 + 2 * 10
+    assert gpu_seconds(run, "select") == 0
+    assert gpu_seconds(tmp_path / "nothing", "pretrain") == 0
 
 
 def test_composition_is_each_source_share_of_the_kept_tokens():
