@@ -89,6 +89,7 @@ def run_arm(args, work: Path, arm: str, seed: int, target: Path, held_out: Path,
         argv = [sys.executable, "-m", "blissctl", "rounds", "--pool", str(args.pool), "--val", str(target),
                 "--eval-val", str(held_out), "--rounds", str(args.rounds), "--round-tokens", args.round_tokens,
                 "--budget", args.budget, "--scorer-steps", str(args.scorer_steps), "--proxy-steps", str(args.proxy_steps),
+                "--eval-points", str(args.eval_points),
                 "--seed", str(seed), "--run", name, "--runs-dir", str(work), "--threads", str(args.threads),
                 *ARMS[arm], *args.extra]
         if (work / name / "experiment.json").exists():
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--budget", default="20%")
     parser.add_argument("--scorer-steps", type=int, default=30)
     parser.add_argument("--proxy-steps", type=int, default=100)
+    parser.add_argument("--eval-points", type=int, default=4, help="main-line evaluations a round (the curves)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every stage (1: a shared machine)")
@@ -228,7 +230,7 @@ def main() -> None:
         print(f"{'experiment':<28} {'flags':<44} {'decayed loss per round':<32} {'×rand':>6} {'×DSIR':>6} "
               f"{'DSIR':>7} {'sel CPU-s':>9} {'Jaccard A/B'}")
         for row in table["attempts"]:
-            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in row["flags"].items()) or "(the defaults)"
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in row["flags"].items()) or "(the base arm)"
             print(f"{row['experiment']:<28} {flags:<44} {' '.join(f'{x:.4f}' for x in row['decayed']):<32} "
                   f"{_x(row['speedup_vs_random']):>6} {_x(row['speedup_vs_dsir']):>6} "
                   f"{row['dsir_same_round_val_loss'] or 0:>7.4f} {row['selection_cpu_s']:>9.0f} "

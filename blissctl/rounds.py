@@ -1,6 +1,6 @@
 """Run the full BLISS method: rounds of selection and pretraining, the score model learning from the model being pretrained.
 
-The pool is split into rounds+1 disjoint parts (by shard, or by hash of document id when shards are few). Round 0 pretrains the model, and the proxy, on a random --budget of part 0. Each round r ≥ 1 trains the score model on part r (proxy reset to round 0's, score model continued, the latest model as the KL target), keeps the top --budget of part r, and continues pretraining the model on it at lr·0.5^r; a decayed side branch of each round is evaluated. Every stage is a blissctl command in its own run directory under RUNS_DIR/RUN/ (watch it with `blissctl dashboard RUNS_DIR/RUN`); --resume continues from the last finished stage with the same result as an uninterrupted run. With no --pool it runs on the embedded sample (about ten minutes on 2 cores, most of it the two train-scorer stages).
+The pool is split into rounds+1 disjoint parts (by shard, or by hash of document id when shards are few). Round 0 pretrains the model, and the proxy, on a random --budget of part 0. Each round r ≥ 1 trains the score model on part r (proxy reset to round 0's, score model continued, the latest model as the KL target), keeps the top --budget of part r, and continues pretraining the model on it at lr·0.5^r; a decayed side branch of each round is evaluated. Every stage is a blissctl command in its own run directory under RUNS_DIR/RUN/ (watch it with `blissctl dashboard RUNS_DIR/RUN`); --resume continues from the last finished stage with the same result as an uninterrupted run. With no --pool it runs on the embedded sample (a few minutes on 2 cores).
 
 Example: blissctl rounds --run rounds-bliss
 
@@ -38,20 +38,20 @@ def rounds_command(
     size: Annotated[str, Opt("--size", help="Model preset pretrained over the rounds.", rich_help_panel=MODEL)] = "tiny",
     seq_len: Annotated[int, Opt("--seq-len", help="Pretraining sequence length.", rich_help_panel=MODEL)] = 128,
     batch_tokens: Annotated[int, Opt("--batch-tokens", help="Pretraining tokens per optimiser step.", rich_help_panel=MODEL)] = 2048,  # noqa: E501
-    round_tokens: Annotated[str, Opt("--round-tokens", help="Pretraining tokens of each round (200k, 1M, ...).", rich_help_panel=MODEL)] = "200k",  # noqa: E501
+    round_tokens: Annotated[str, Opt("--round-tokens", help="Pretraining tokens of each round (100k, 1M, ...).", rich_help_panel=MODEL)] = "100k",  # noqa: E501
     lr: Annotated[float | None, Opt("--lr", help="Round 0's constant learning rate; round r uses lr·(--lr-factor)^r. Default: the preset's.", rich_help_panel=MODEL)] = None,  # noqa: E501
     lr_factor: Annotated[float, Opt("--lr-factor", help="Each round's learning rate relative to the round before.", rich_help_panel=MODEL)] = 0.5,  # noqa: E501
     decay_steps: Annotated[int | None, Opt("--decay-steps", help="Steps of each round's decayed evaluation branch. Default: a tenth of a round.", rich_help_panel=MODEL)] = None,  # noqa: E501
-    eval_points: Annotated[int, Opt("--eval-points", help="Validation evaluations of the main line per round.", rich_help_panel=MODEL)] = 4,  # noqa: E501
+    eval_points: Annotated[int, Opt("--eval-points", help="Validation evaluations of the main line per round.", rich_help_panel=MODEL)] = 2,  # noqa: E501
     proxy: Annotated[str, Opt("--proxy", help="Proxy (and score model) preset.", rich_help_panel=SCORER)] = "tiny",
     proxy_steps: Annotated[int, Opt("--proxy-steps", help="Round 0's pretraining steps of the proxy.", rich_help_panel=SCORER)] = 100,  # noqa: E501
     scorer_steps: Annotated[int, Opt("--scorer-steps", help="Outer (bilevel) steps of each round's train-scorer.", rich_help_panel=SCORER)] = 30,  # noqa: E501
     scorer_seq_len: Annotated[int, Opt("--scorer-seq-len", help="Tokens per document the proxy and score model see.", rich_help_panel=SCORER)] = 128,  # noqa: E501
     scorer_batch_size: Annotated[int, Opt("--scorer-batch-size", help="Documents per bilevel batch.", rich_help_panel=SCORER)] = 16,  # noqa: E501
-    inner_steps: Annotated[int, Opt("--inner-steps", help="K: proxy steps per outer step.", rich_help_panel=SCORER)] = 5,
-    z_steps: Annotated[int, Opt("--z-steps", help="Iterations of each outer step's z-solve.", rich_help_panel=SCORER)] = 3,  # noqa: E501
+    inner_steps: Annotated[int, Opt("--inner-steps", help="K: proxy steps per outer step (the reference: 5).", rich_help_panel=SCORER)] = 2,  # noqa: E501
+    z_steps: Annotated[int, Opt("--z-steps", help="Iterations of each outer step's z-solve (the reference: 3).", rich_help_panel=SCORER)] = 1,  # noqa: E501
     lr_proxy: Annotated[float | None, Opt("--lr-proxy", help="Proxy learning rate in the bilevel phase. Default: the preset's.", rich_help_panel=SCORER)] = None,  # noqa: E501
-    lr_scorer: Annotated[float, Opt("--lr-scorer", help="Score model learning rate.", rich_help_panel=SCORER)] = 1e-4,
+    lr_scorer: Annotated[float, Opt("--lr-scorer", help="Score model learning rate.", rich_help_panel=SCORER)] = 1e-3,
     gamma: Annotated[float, Opt("--gamma", help="Weight of KL(latest model ‖ proxy).", rich_help_panel=SCORER)] = 1e-2,
     score_scale: Annotated[float, Opt("--score-scale", help="β in the bilevel batch weights softmax(β·s).", rich_help_panel=SCORER)] = 1.0,  # noqa: E501
     chunks: Annotated[int, Opt("--chunks", help="BLISS scores a document as the mean over its first N chunks.", rich_help_panel=SCORER)] = 4,  # noqa: E501

@@ -53,7 +53,7 @@ drift between rounds."""
 @dataclass(frozen=True, kw_only=True)
 class RoundsSettings:
     """Everything ``blissctl rounds`` runs; recorded in ``experiment.json`` so a rerun knows whether it
-    may continue. Defaults run on the embedded sample in about ten minutes on 2 cores."""
+    may continue. Defaults run on the embedded sample in a few minutes on 2 cores (README: the measured time)."""
 
     pool: tuple[str, ...]
     """``--pool``: the candidate documents (files, folders, globs), split into ``rounds + 1`` parts."""
@@ -79,7 +79,7 @@ class RoundsSettings:
     """``--size``: the model pretrained over the rounds."""
     seq_len: int = 128
     batch_tokens: int = 2048
-    round_tokens: int = 200_000
+    round_tokens: int = 100_000
     """``--round-tokens``: pretraining tokens of each round (round 0 included), rounded up to whole steps."""
     lr: float | None = None
     """``--lr``: round 0's constant learning rate (default: the preset's); round r uses lr·lr_factor^r."""
@@ -87,7 +87,7 @@ class RoundsSettings:
     """``--lr-factor``: the learning rate of each round relative to the one before (the reference: 0.5)."""
     decay_steps: int | None = None
     """``--decay-steps``: steps of each round's evaluation branch (default: a tenth of a round's steps)."""
-    eval_points: int = 4
+    eval_points: int = 2
     """``--eval-points``: validation evaluations of the main line in each round."""
     proxy: str = "tiny"
     """``--proxy``: preset of the proxy LM and score model."""
@@ -97,12 +97,18 @@ class RoundsSettings:
     """``--scorer-steps``: outer (bilevel) steps of each round's train-scorer."""
     scorer_seq_len: int = 128
     scorer_batch_size: int = 16
-    inner_steps: int = 5
-    z_steps: int = 3
-    """``--z-steps``: iterations of each outer step's z-solve (the reference: 3)."""
+    inner_steps: int = 2
+    """``--inner-steps``: K, the proxy's steps per outer step (the reference: 5)."""
+    z_steps: int = 1
+    """``--z-steps``: iterations of each outer step's z-solve (the reference: 3). One step makes z = η_z·v
+    with no Hessian product, and an outer step about a third as dear (``bench/README_bliss.md``); with K = 2
+    as well, the tuning bench's rounds selected as well as the reference's 3 z-steps and K = 5 at equal CPU
+    (README, "Tuning")."""
     lr_proxy: float | None = None
     """``--lr-proxy``: the proxy's rate in the bilevel phase (default: the preset's)."""
-    lr_scorer: float = 1e-4
+    lr_scorer: float = 1e-3
+    """``--lr-scorer``: the score model's AdamW rate (the reference: 1e-5, over 6,000 outer steps a round;
+    with tens of steps, 1e-3 trained better models than 1e-4 on both tuning targets)."""
     gamma: float = 1e-2
     """``--gamma``: weight of KL(latest model ‖ proxy) in the lower objective (the reference: 1e-2)."""
     score_scale: float = 1.0
