@@ -403,6 +403,11 @@ def clear_experiment(exp: Path) -> None:
     for name in runs:
         check_run_name(name)
         RunDir(exp / name).clear()
+        copying = exp / f"{name}.copying"  # a --round0-from copy cut short
+        if copying.is_dir() and not copying.is_symlink():
+            import shutil
+
+            shutil.rmtree(copying)
     pool = exp / "pool"
     if pool.is_dir() and not pool.is_symlink():
         for part in pool.glob("part-*"):

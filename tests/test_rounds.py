@@ -180,6 +180,13 @@ def test_round0_from_copies_a_matching_round_0_and_refuses_one_that_differs(tmp_
     assert (exp / "r0-select" / "tokenizer.json").read_text() == "tok"
     assert timings["r0-lm"]["cpu_s"] == 12.5 and timings["r0-lm"]["copied_from"] == str(base)
     assert not list(exp.glob("*.copying"))
+    # --force removes the copies, and a copy a kill cut short, with the rest of what the experiment wrote.
+    from engine.rounds import clear_experiment, experiment_record
+
+    (exp / "r0-lm.copying").mkdir()
+    (exp / "experiment.json").write_bytes(orjson.dumps(experiment_record(variant, exp.name, stages, timings, None)))
+    clear_experiment(exp)
+    assert not exp.exists()
     fresh = dry_run_plan(variant, tmp_path / "runs" / "other")
     assert fresh[0].startswith("# copy r0-select from") and fresh[3].startswith("blissctl train-scorer")
     # A setting round 0 depends on is refused, named.
