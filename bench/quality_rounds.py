@@ -129,42 +129,22 @@ def summary(results: dict[str, dict[int, dict]]) -> dict:
     return out
 
 
-def partial_result(exp: Path, rounds: int) -> dict | None:
-    """The finished rounds of a stopped experiment (decayed loss, selection CPU), None before round 1."""
-    from engine.eval.compare import pretrain_curve, stage_done
-
-    timings = orjson.loads((exp / "experiment.json").read_bytes()).get("timings") or {}
-    done = [r for r in range(rounds + 1) if stage_done(exp / f"r{r}-lm", "pretrain")]
-    if len(done) < 2 or done != list(range(len(done))):
-        return None
-    rows = []
-    for r in done:
-        decayed = pretrain_curve(exp / f"r{r}-lm", branch="decay")
-        cpu = sum(t.get("cpu_s", 0) for name, t in timings.items() if name.startswith(f"r{r}-") and name != f"r{r}-lm")
-        rows.append({"round": r, "val_loss": decayed[-1][1] if decayed else None, "selection_cpu_s": cpu})
-    curve = [point for r in done for point in pretrain_curve(exp / f"r{r}-lm")]
-    return {"rounds": rows, "curve": curve, "final_val_loss": None, "stopped_after_round": done[-1]}
-
-
 def tuning_table(work: Path, rounds: int) -> dict:
     """Every tuning attempt in WORK (a tagged ``bliss`` experiment, ``--tag``), per target and seed, beside
     the untagged arms of that target and seed: the flags it changed, per-round decayed losses, speed-up
     over random and DSIR, selection CPU-seconds; with both targets run, the cross-target Jaccard."""
-    from engine.rounds import recorded_settings
+    from engine.rounds import recorded_settings, result_so_far
 
     rows = []
     for exp in sorted(work.glob("*bliss*-s*")):
-        result_file = exp / "rounds-result.json"
-        if not exp.is_dir() or not (exp / "experiment.json").exists():
+        if not exp.is_dir():
             continue
         prefix = "B-" if exp.name.startswith("B-") else ""
         arm_tag, seed = exp.name[len(prefix):].rsplit("-s", 1)
-        if result_file.exists():
-            result = orjson.loads(result_file.read_bytes())
-        else:  # stopped after some rounds (a screened attempt): the rounds it finished
-            result = partial_result(exp, rounds)
-            if result is None:
-                continue
+        result = result_so_far(exp)  # also a screened attempt, stopped after round 1
+        if result is None or len(result["rounds"]) < 2:
+            continue
+        complete = result["complete"]
         base = work / f"{prefix}bliss-s{seed}"
         flags = {}
         if base != exp and (base / "experiment.json").exists():
@@ -187,10 +167,10 @@ def tuning_table(work: Path, rounds: int) -> dict:
         rows.append({
             "experiment": exp.name, "target": "B" if prefix else "A", "seed": int(seed), "variant": arm_tag,
             "flags": flags, "decayed": [round(x["val_loss"], 4) for x in result["rounds"]],
-            "final_val_loss": result["final_val_loss"],
-            "stopped_after_round": result.get("stopped_after_round"),
-            "speedup_vs_random": speedup(random_curve, result["curve"]) if random_curve and result["final_val_loss"] else None,
-            "speedup_vs_dsir": speedup(dsir_curve, result["curve"]) if dsir_curve and result["final_val_loss"] else None,
+            "final_val_loss": result["final_val_loss"] if complete else None,
+            "stopped_after_round": None if complete else len(result["rounds"]) - 1,
+            "speedup_vs_random": speedup(random_curve, result["curve"]) if random_curve and complete else None,
+            "speedup_vs_dsir": speedup(dsir_curve, result["curve"]) if dsir_curve and complete else None,
             "dsir_same_round_val_loss": (orjson.loads((work / f"{prefix}dsir-s{seed}" / "rounds-result.json").read_bytes())
                                          ["rounds"][len(result["rounds"]) - 1]["val_loss"] if dsir_curve else None),
             "selection_cpu_s": round(sum(x["selection_cpu_s"] or 0 for x in result["rounds"]), 1),

@@ -70,7 +70,7 @@ def rounds_command(
     from engine.errors import UserError
     from engine.experiment import pinned_threads
     from engine.rounds import RoundsSettings, dry_run_plan, run_rounds
-    from engine.run_dir import RunDir
+    from engine.run_dir import RunDir, run_path
 
     if resume and force:
         raise UserError("--resume and --force contradict each other: choose one")
@@ -81,7 +81,7 @@ def rounds_command(
         lr_factor=lr_factor, decay_steps=decay_steps, eval_points=eval_points, proxy=proxy, proxy_steps=proxy_steps,
         scorer_steps=scorer_steps, scorer_seq_len=scorer_seq_len, scorer_batch_size=scorer_batch_size,
         inner_steps=inner_steps, z_steps=z_steps, lr_proxy=lr_proxy, lr_scorer=lr_scorer, gamma=gamma, score_scale=score_scale, chunks=chunks, seed=seed,
-        device=device, tokenizer=tokenizer, round0_from=_experiment_path(round0_from, runs_dir),
+        device=device, tokenizer=tokenizer, round0_from=str(run_path(round0_from, runs_dir).resolve()) if round0_from else None,
     )
     exp = RunDir.named(run, runs_dir).root
     pinned = ("--threads", str(threads)) if threads is not None else pinned_threads()
@@ -106,14 +106,6 @@ def rounds_command(
     print_rounds(result)
     console.print(f"{time.perf_counter() - started:.0f} s; results in {exp / 'rounds-result.json'} and "
                   f"{exp / 'rounds.md'}; watch or compare with: blissctl dashboard {exp}", soft_wrap=True)
-
-
-def _experiment_path(value: str | None, runs_dir: Path) -> str | None:
-    """An experiment folder given as a path, or by name under --runs-dir; recorded absolute."""
-    if value is None:
-        return None
-    path = Path(value) if Path(value).is_dir() or "/" in value else runs_dir / value
-    return str(path.resolve())
 
 
 def print_rounds(result: dict) -> None:

@@ -322,10 +322,9 @@ def recorded_settings(record: dict) -> dict:
     return {**SETTINGS_BEFORE, **(record.get("settings") or {})}
 
 
-def _stage_done_in(stage: Stage, folder: Path) -> bool:
-    if stage.role == "select":
-        return (folder / "selected" / "manifest.json").exists()
-    return stage_done(folder, "pretrain")
+def _round0_done_in(source: Path, settings: RoundsSettings) -> dict[str, bool]:
+    """Which of this experiment's round-0 stages ``source`` finished, asked the way its own plan asks."""
+    return {s.run_dir.name: s.done() for s in plan_rounds(settings, source, None) if s.round == 0}
 
 
 def copy_round0(settings: RoundsSettings, exp: Path, stages: list[Stage], timings: dict,
@@ -345,14 +344,12 @@ def copy_round0(settings: RoundsSettings, exp: Path, stages: list[Stage], timing
     if differ:
         raise UserError(f"--round0-from {source.name}: its round 0 ran with other "
                         f"{', '.join('--' + k.replace('_', '-') for k in differ)}; round 0 must match to be shared")
+    done_there = _round0_done_in(source, settings)
     for stage in stages:
-        if stage.round != 0 or stage.done():
+        # A stage begun here (not a copy: copies arrive whole, by rename) resumes itself instead.
+        if stage.round != 0 or stage.run_dir.exists() or not done_there.get(stage.run_dir.name):
             continue
         origin = source / stage.run_dir.name
-        if not _stage_done_in(stage, origin):
-            continue
-        if stage.run_dir.exists():  # a copy cut short by a kill: copy again
-            shutil.rmtree(stage.run_dir)
         partial = stage.run_dir.with_name(stage.run_dir.name + ".copying")
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(origin, partial, ignore=shutil.ignore_patterns(".lock"))
@@ -392,6 +389,7 @@ def prepare_experiment(settings: RoundsSettings, exp: Path, *, resume: bool, for
 def clear_experiment(exp: Path) -> None:
     """Remove what ``rounds`` and its stages wrote in ``exp`` (not anything else a user put there)."""
     import contextlib
+    import shutil
 
     if not exp.is_dir():
         return
@@ -405,8 +403,6 @@ def clear_experiment(exp: Path) -> None:
         RunDir(exp / name).clear()
         copying = exp / f"{name}.copying"  # a --round0-from copy cut short
         if copying.is_dir() and not copying.is_symlink():
-            import shutil
-
             shutil.rmtree(copying)
     pool = exp / "pool"
     if pool.is_dir() and not pool.is_symlink():
@@ -505,8 +501,9 @@ def dry_run_plan(settings: RoundsSettings, exp: Path, threads: tuple[str, ...] =
     if not settings.round0_from:
         return command_lines(stages)
     source = Path(settings.round0_from)
-    return [f"# copy {stage.run_dir.name} from {source / stage.run_dir.name}" if stage.round == 0
-            and _stage_done_in(stage, source / stage.run_dir.name) else line
+    done_there = _round0_done_in(source, settings)
+    return [f"# copy {stage.run_dir.name} from {source / stage.run_dir.name}"
+            if stage.round == 0 and done_there.get(stage.run_dir.name) else line
             for stage, line in zip(stages, command_lines(stages), strict=True)]
 
 
@@ -517,16 +514,21 @@ def rounds_result(settings: RoundsSettings, exp: Path, stages: list[Stage], timi
                   split: PoolSplit) -> dict:
     """Per round: the evaluation branch's validation loss, the main line's, the tokens trained, the
     selection's size, threshold and composition, the score model's drift from the round before, and the
-    CPU-seconds and GPU-seconds of each stage."""
+    CPU-seconds and GPU-seconds of each stage. Only the rounds finished so far (all of them once the
+    experiment has run; ``complete`` says which)."""
+    finished = 0
+    while finished < settings.parts and all(s.done() for s in stages if s.round == finished):
+        finished += 1
+    stages = [s for s in stages if s.round < finished]
     rounds = []
     drift = score_model_drift(exp, stages, split, settings)
-    for r in range(settings.parts):
+    for r in range(finished):
         lm = exp / stage_run(r, "pretrain")
         main, decayed = pretrain_curve(lm), pretrain_curve(lm, branch="decay")
         manifest = read_manifest(exp / stage_run(r, "select") / "selected")
         in_round = [s for s in stages if s.round == r]
         costs = {s.role: timings.get(s.run_dir.name, {}) for s in in_round}
-        gpu = {s.role: gpu_seconds(s.run_dir, "pretrain" if s.role == "proxy" else s.role) for s in in_round}
+        gpu = {s.role: gpu_seconds(s.run_dir, s.argv[0]) for s in in_round}  # argv[0]: the command, its events' stage
         rounds.append({
             "round": r,
             "scorer": "random" if r == 0 else settings.scorer,
@@ -548,12 +550,27 @@ def rounds_result(settings: RoundsSettings, exp: Path, stages: list[Stage], timi
             "pretrain_gpu_s": gpu.get("pretrain", 0.0),
         })
     curve: list[tuple[int, float]] = []
-    for r in range(settings.parts):
+    for r in range(finished):
         curve += pretrain_curve(exp / stage_run(r, "pretrain"))
     decayed_points = [(row["tokens"], row["val_loss"]) for row in rounds if row["val_loss"] is not None]
+    last = rounds[-1] if rounds else {}
     return {"name": exp.name, "settings": _settings_dict(settings), "split": {"mode": split.mode,
             "documents": split.documents}, "rounds": rounds, "curve": curve, "decayed": decayed_points,
-            "final_val_loss": rounds[-1]["val_loss"], "total_tokens": rounds[-1]["tokens"]}
+            "final_val_loss": last.get("val_loss"), "total_tokens": last.get("tokens"),
+            "complete": finished == settings.parts}
+
+
+def result_so_far(exp: Path) -> dict | None:
+    """``rounds_result`` of an experiment folder as it stands, e.g. one stopped after round 1 (a screened
+    tuning attempt); None before its split is recorded."""
+    record_path, split_path = exp / EXPERIMENT_FILE, exp / SPLIT_FILE
+    if not (record_path.exists() and split_path.exists()):
+        return None
+    record = orjson.loads(record_path.read_bytes())
+    recorded = recorded_settings(record)
+    settings = RoundsSettings(**{**recorded, "pool": tuple(recorded["pool"])})
+    split = PoolSplit.from_dict(orjson.loads(split_path.read_bytes()))
+    return rounds_result(settings, exp, plan_rounds(settings, exp, split), dict(record.get("timings") or {}), split)
 
 
 def score_model_drift(exp: Path, stages: list[Stage], split: PoolSplit, settings: RoundsSettings) -> dict[int, float]:

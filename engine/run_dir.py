@@ -60,6 +60,15 @@ def check_run_name(name: str, flag: str = "--run") -> str:
     return name
 
 
+def run_path(argument: str, runs_dir: Path | str) -> Path:
+    """A run (or experiment) named on the command line: the path itself when a folder is there or it
+    looks like a path, else the run of that name under ``runs_dir``."""
+    as_path = Path(argument)
+    if as_path.is_dir() or "/" in argument or argument.startswith("."):
+        return as_path
+    return Path(runs_dir) / argument
+
+
 def _with_filename(error: OSError, path: Path) -> OSError:
     """The machine's error, naming the file we were writing (a write on a descriptor names none)."""
     if error.filename is None:

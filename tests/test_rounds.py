@@ -245,6 +245,11 @@ def test_an_experiment_killed_anywhere_resumes_to_exactly_the_uninterrupted_resu
     time.sleep(1.0)
     assert not _processes_writing(killed), "a stage outlived the experiment it belonged to"
     assert not (killed / "exp" / "rounds-result.json").exists()
+    from engine.rounds import result_so_far
+
+    so_far = result_so_far(killed / "exp")  # what a stopped experiment has finished: round 0 alone
+    assert not so_far["complete"] and [r["round"] for r in so_far["rounds"]] == [0]
+    assert so_far["rounds"][0]["val_loss"] == expected["rounds"][0]["val_loss"] and expected["complete"]
 
     refused = CliRunner().invoke(app, rounds_command(pool, val, killed, tokenizer=tokenizer)[3:])
     assert refused.exit_code == 2 and "--resume" in refused.output

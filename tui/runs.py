@@ -32,7 +32,8 @@ class RunSource:
 
 def run_source(argument: str, runs_dir: Path) -> RunSource:
     """``argument`` as a run: a path to a run directory when one is there (or it looks like a path),
-    else a name under ``runs_dir``."""
+    else a name under ``runs_dir``. The CLI's rule (``engine.run_dir.run_path``), written again here
+    because the dashboard never imports the engine."""
     as_path = Path(argument)
     if as_path.is_dir() or "/" in argument or argument.startswith("."):
         return RunSource(as_path.resolve().name or argument, as_path)
