@@ -1,7 +1,8 @@
 """Pretrain a Pythia-family model (or LLaMA-0.5B) from scratch on a selected subset, under torchrun.
 
 Tokenises --data once into packed sequences in the run directory, freezes the config, then runs
-`torchrun ... -m engine.pretrain.worker` (DDP; FSDP with --fsdp, the default from 1b up). Checkpoints
+`torchrun ... -m engine.pretrain.worker` (DDP; FSDP with --fsdp, the default from 1b up; one DDP
+process on one machine starts `python -m engine.pretrain.worker` directly). Checkpoints
 every --save-every steps; --resume continues exactly where the last one left off.
 
 Example: blissctl pretrain --data runs/c4-bliss/selected --size 410m --nproc-per-node 8 --run pythia-410m
@@ -59,7 +60,8 @@ def pretrain_command(
     threads: Annotated[int | None, Opt("--threads", help="Torch threads of each process. Default: the cores other work leaves idle ÷ --nproc-per-node.")] = None,  # noqa: E501
     resume: Annotated[bool, Opt("--resume", help="Continue the run from its latest checkpoint.")] = False,
     stop_after: Annotated[int | None, Opt("--stop-after", help="Stop (with a checkpoint) after N steps of this launch, e.g. for a time-limited job.")] = None,  # noqa: E501
-    dry_run: Annotated[bool, Opt("--dry-run", help="Print the torchrun command and settings; write nothing.")] = False,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Print the trainer's command (torchrun's) and settings; write nothing.")] = False,  # noqa: E501
+    torchrun: Annotated[bool, Opt("--torchrun", help="Start a one-process run under torchrun too (by default it starts its trainer directly, 4 s sooner).")] = False,  # noqa: E501
     export_hf: Annotated[bool, Opt("--export-hf", help="When training ends, write the model as a Hugging Face directory in RUNS_DIR/RUN/hf/ (blissctl export does it for any checkpoint).")] = False,  # noqa: E501
 ) -> None:
     from engine.pretrain.launch import LaunchConfig, launch_pretrain
@@ -67,7 +69,7 @@ def pretrain_command(
 
     launch = LaunchConfig(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                           rdzv_endpoint=rdzv_endpoint, workers=workers, resume=resume, stop_after=stop_after,
-                          dry_run=dry_run, export_hf=export_hf)
+                          dry_run=dry_run, torchrun=torchrun, export_hf=export_hf)
     flags = {
         "data": tuple(data) if data else None, "size": size, "val": val, "tokenizer": tokenizer,
         "seq_len": seq_len, "lr": lr, "global_batch_tokens": global_batch_tokens, "micro_batch": micro_batch,

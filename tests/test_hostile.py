@@ -387,24 +387,34 @@ def test_kill_9_of_select_leaves_no_process_and_resume_matches(tmp_path, pool, s
     assert selection(tmp_path / "runs" / "cut") == selection(tmp_path / "runs" / "straight")
 
 
-def test_kill_9_of_pretrain_takes_torchrun_and_the_trainer_with_it(tmp_path, small_tokenizer):
+@pytest.mark.parametrize("launch", [
+    pytest.param((), id="trainer-alone"),
+    pytest.param(("--torchrun",), id="under-torchrun", marks=pytest.mark.slow),  # the multi-process path's agent
+])
+def test_kill_9_of_pretrain_takes_the_trainer_with_it(tmp_path, small_tokenizer, launch):
     shard = write_shard(tmp_path / "data.jsonl.zst", make_records(400, seed=3))
     common = ["pretrain", "--data", str(shard), "--tokenizer", str(small_tokenizer), "--size", "tiny",
               "--seq-len", "32", "--global-batch-tokens", "256", "--steps", "40", "--save-every", "5",
-              "--log-every", "1", "--device", "cpu", "--runs-dir", str(tmp_path), "--workers", "1"]
+              "--log-every", "1", "--device", "cpu", "--runs-dir", str(tmp_path), "--workers", "1", *launch]
     launcher = start_blissctl(*common, "--run", "cut")
     checkpoints = tmp_path / "cut" / "checkpoints"
     wait_for(lambda: (checkpoints / "latest").exists(), timeout=180, what="a first checkpoint")
     descendants = psutil.Process(launcher.pid).children(recursive=True)
-    assert any("torch.distributed" in " ".join(p.cmdline()) or "torchrun" in " ".join(p.cmdline()) for p in descendants)
+    assert any("engine.pretrain.worker" in " ".join(p.cmdline()) for p in descendants)
+    if launch:
+        assert any("torchrun" in " ".join(p.cmdline()) or "torch.distributed.run" in " ".join(p.cmdline())
+                   for p in descendants)
     assert not any(e["kind"] == "done" for e in events(tmp_path / "cut"))  # killed mid-training
     launcher.kill()
     launcher.wait()
     assert gone(descendants) == []
     resumed = blissctl(*common, "--run", "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = blissctl(*common, "--run", "straight")
+    # The uninterrupted run starts the other way (under torchrun, or alone): the same weights either way.
+    other_launch = [flag for flag in common if flag != "--torchrun"] + ([] if launch else ["--torchrun"])
+    straight = blissctl(*other_launch, "--run", "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
+    assert ("torchrun" in straight.stdout) != bool(launch)
     a = torch.load(tmp_path / "cut" / "checkpoints" / "step_000040" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "straight" / "checkpoints" / "step_000040" / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

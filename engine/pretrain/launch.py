@@ -1,13 +1,17 @@
-"""The launcher side of ``blissctl pretrain``: resolve the config, prepare the data, start ``torchrun``.
+"""The launcher side of ``blissctl pretrain``: resolve the config, prepare the data, start the trainers.
 
 Runs in the user's process, once per node. It freezes the config into
-``runs/<name>/pretrain_config.json`` so the ``torchrun`` command line stays short (and printable with
+``runs/<name>/pretrain_config.json`` so the trainer's command line stays short (and printable with
 ``--dry-run``), tokenises and packs the data once (worker processes, idempotent), then runs
 
     torchrun --standalone --nproc-per-node N -m engine.pretrain.worker --config runs/<name>/pretrain_config.json
 
 forwarding Ctrl-C to it. Several nodes: ``--nnodes`` with ``--rdzv-endpoint HOST:PORT`` (c10d
 rendezvous, ranks assigned on arrival) or additionally ``--node-rank`` (static rendezvous, fixed ranks).
+One DDP process on one node (every CPU run, one GPU) needs no rendezvous, so the worker is started
+directly (``python -m engine.pretrain.worker``): torchrun's agent costs about 4 s of start-up and a
+process for nothing there, and the trainer computes the same either way (DDP over one rank is the
+plain model). ``--torchrun`` keeps torchrun for such a run too.
 """
 
 from __future__ import annotations
@@ -279,6 +283,23 @@ def torchrun_command(
     return cmd
 
 
+def runs_without_torchrun(*, nproc_per_node: int, nnodes: int, rdzv_endpoint: str | None, fsdp: bool) -> bool:
+    """One DDP process on one node: nothing to rendezvous with, so no torchrun agent is needed. FSDP
+    keeps torchrun even on one process: its sharded, bf16-policy model needs the process group."""
+    return nproc_per_node == 1 and nnodes == 1 and rdzv_endpoint is None and not fsdp
+
+
+def direct_worker_command(config_file: Path | str, *, resume: bool = False, stop_after: int | None = None
+                          ) -> list[str]:
+    """The trainer started as a plain process (``runs_without_torchrun``), in this Python's environment."""
+    cmd = [sys.executable, "-m", WORKER_MODULE, "--config", str(config_file)]
+    if resume:
+        cmd.append("--resume")
+    if stop_after is not None:
+        cmd += ["--stop-after", str(stop_after)]
+    return cmd
+
+
 def format_command(cmd: list[str]) -> str:
     return shlex.join(cmd)
 
@@ -416,6 +437,8 @@ class LaunchConfig:
     resume: bool = False
     stop_after: int | None = None
     dry_run: bool = False
+    torchrun: bool = False
+    """Start even a one-process run under torchrun (by default such a run starts its trainer directly)."""
     export_hf: bool = False
     """Write the trained model as a Hugging Face directory, ``runs/<name>/hf/``, when training ends."""
 
@@ -456,7 +479,8 @@ def describe(config: PretrainConfig) -> str:
 
 
 def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, say: Callable[[str], None]) -> None:
-    """``blissctl pretrain``: resolve the config, prepare the data once, freeze the config, run torchrun.
+    """``blissctl pretrain``: resolve the config, prepare the data once, freeze the config, start the
+    trainers (torchrun, or the one trainer directly: ``runs_without_torchrun``).
 
     ``flags`` are the training settings the user gave (``None`` = not given); ``say`` prints a line.
     """
@@ -469,7 +493,12 @@ def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, sa
         config_path(run), nproc_per_node=nproc, nnodes=launch.nnodes, node_rank=launch.node_rank,
         rdzv_endpoint=launch.rdzv_endpoint, rdzv_id=f"blissctl-{run.name}", resume=launch.resume,
         stop_after=launch.stop_after,
-    )
+    )  # built (and its flags checked) even when unused
+    launcher = "torchrun"
+    if not launch.torchrun and runs_without_torchrun(nproc_per_node=nproc, nnodes=launch.nnodes,
+                                                     rdzv_endpoint=launch.rdzv_endpoint, fsdp=config.fsdp):
+        cmd = direct_worker_command(config_path(run), resume=launch.resume, stop_after=launch.stop_after)
+        launcher = "the trainer"
     if not launch.resume and (run.checkpoints / "latest").exists():
         raise UserError(f"run {run.root} already has checkpoints; pass --resume to continue it or pick another --run")
     for note in notes:
@@ -494,8 +523,8 @@ def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, sa
         finished = run_forwarding_signals(cmd, env=worker_environment())
         if finished.code != 0:
             if finished.explained:  # the trainer's own line said what went wrong: nothing to add
-                raise ReportedError(f"torchrun exited with status {finished.code}", code=2)
-            raise UserError(f"training failed (torchrun exited with status {finished.code}); see the messages above")
+                raise ReportedError(f"{launcher} exited with status {finished.code}", code=2)
+            raise UserError(f"training failed ({launcher} exited with status {finished.code}); see the messages above")
         if launch.export_hf and launch.takes_the_run_lock:
             from engine.models.export import export_hf
 
