@@ -133,12 +133,10 @@ class ScoreBatches:
         from engine.run_dir import RunDir
         from engine.select.stage import build_scorer
 
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         self.labels = labels
         self.scorer = build_scorer(config, RunDir(Path(run_root)), [Path(s) for s in shards])
+        if threads:  # a model scorer (the local engine's rule: ModelScorer.use_threads)
+            self.scorer.use_threads(threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []

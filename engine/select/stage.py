@@ -491,9 +491,7 @@ class ShardScoring:
             text_scorer=scorer.text_scorer, text_field=config.text_field,
         )
         if config.threads is not None and scorer.needs_tokens:  # a model scorer: torch is loaded already
-            import torch
-
-            torch.set_num_threads(config.threads)
+            scorer.use_threads(config.threads)
         jobs = {job.index: job for job in self.todo}
         parts: dict[int, ShardAccumulator] = {}
         identity = scorer.describe()

@@ -62,6 +62,12 @@ def test_scores_are_inverse_perplexity_and_familiar_text_wins(scorer_run):
     alone = scorer.score(ShardBatch("s", np.arange(1, dtype=np.uint32), batch.n_tokens[:1], docs[:1]))
     assert alone[0] == pytest.approx(scores[0], rel=1e-4)
     assert scorer.describe()["name"] == "perplexity" and len(scorer.describe()["checkpoint_sha256"]) == 64
+    threads = torch.get_num_threads()
+    try:  # sub-batches on two threads: every document keeps its own score
+        scorer.use_threads(2)
+        np.testing.assert_allclose(scorer.score(batch), scores, rtol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_select_keeps_the_lowest_perplexity_documents(scorer_run, tmp_path):

@@ -126,6 +126,23 @@ def test_bliss_scorer_matches_the_model_on_each_document(tmp_path):
     assert 0 < scores[-1] < 1  # an empty document still gets a score (of one padding token)
 
 
+def test_sub_batches_on_two_threads_give_each_document_its_own_score(tmp_path):
+    _make_scorer_run(tmp_path)
+    scorer = BlissScorer.load("scorer", tmp_path / "runs", batch_size=2)
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(2, 250, n).astype(np.int32) for n in rng.integers(1, 17, 40)]
+    one_at_a_time = scorer.score(_shard_batch(docs))
+    threads = torch.get_num_threads()
+    try:
+        scorer.use_threads(2)
+        assert scorer.parallel_batches == 2 and torch.get_num_threads() == 1
+        at_once = scorer.score(_shard_batch(docs))
+    finally:
+        torch.set_num_threads(threads)
+    assert scorer._pool is not None  # the sub-batches did go to the threads
+    np.testing.assert_allclose(at_once, one_at_a_time, rtol=0, atol=1e-6)  # each document its own score
+
+
 def test_chunk_mode_averages_chunk_scores(tmp_path):
     _make_scorer_run(tmp_path, seq_len=8)
     scorer = BlissScorer.load("scorer", tmp_path / "runs", chunks=3)

@@ -91,6 +91,9 @@ class ModelScorer:
         self.batch_size = batch_size
         self.pad_id = pad_id
         self._sha256: str | None = None
+        self.parallel_batches = 1
+        """Sub-batches scored at once on a CPU, each on its own thread (``use_threads``)."""
+        self._pool = None
 
     @staticmethod
     def check_options(*, device: str, seq_len: int | None, batch_size: int) -> None:
@@ -113,6 +116,33 @@ class ModelScorer:
         from engine.runtime import autocast
 
         return autocast(self.device)
+
+    def use_threads(self, threads: int) -> None:
+        """Spend ``threads`` cores on scoring. On a CPU, as that many sub-batches at once, each with one
+        torch thread: a small model's operators are too short for torch's threads to pay off, and a
+        thread of its own per sub-batch waits for no descheduled sibling when a reader process takes
+        a core (bench/README_bliss.md, section 4). A sub-batch's scores do not depend on which thread
+        ran it, or when. On a GPU: torch's threads."""
+        import torch
+
+        if self.device.type == "cpu" and threads > 1:
+            torch.set_num_threads(1)
+            self.parallel_batches = threads
+        else:
+            torch.set_num_threads(threads)
+            self.parallel_batches = 1
+
+    def map_sub_batches(self, score_group: Callable[[np.ndarray], np.ndarray], groups: Sequence[np.ndarray]
+                        ) -> list[np.ndarray]:
+        """``score_group(g)`` for each group, in order: on ``parallel_batches`` threads (torch releases the
+        GIL inside its operators). ``score_group`` enters inference mode itself: it is per thread."""
+        if self.parallel_batches <= 1 or len(groups) <= 1:
+            return [score_group(group) for group in groups]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.parallel_batches, thread_name_prefix="scorer")
+        return list(self._pool.map(score_group, groups))
 
     def identity(self) -> dict[str, Any]:
         """What else, beyond the model file, the scores depend on."""

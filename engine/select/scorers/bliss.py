@@ -79,15 +79,19 @@ class BlissScorer(ModelScorer):
                 start = end
         return groups
 
-    @torch.inference_mode()
     def score_pieces(self, pieces: list[np.ndarray]) -> np.ndarray:
         """float32 scores of token sequences (each at most ``seq_len`` long), in their order."""
-        out = np.empty(len(pieces), dtype=np.float32)
-        for idx in self.sub_batches([len(p) for p in pieces]):
+
+        @torch.inference_mode()
+        def score_group(idx: np.ndarray) -> np.ndarray:
             ids, mask = collate([pieces[i] for i in idx], self.pad_id, self.device)
             with self.autocast():
-                scores = self.model(ids, mask)
-            out[idx] = scores.float().cpu().numpy()
+                return self.model(ids, mask).float().cpu().numpy()
+
+        out = np.empty(len(pieces), dtype=np.float32)
+        groups = self.sub_batches([len(p) for p in pieces])
+        for idx, scores in zip(groups, self.map_sub_batches(score_group, groups), strict=True):
+            out[idx] = scores
         return out
 
     def score(self, batch: ShardBatch) -> np.ndarray:

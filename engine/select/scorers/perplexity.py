@@ -37,20 +37,22 @@ class PerplexityScorer(ModelScorer):
                    device=device, seq_len=seq_len or int(meta["seq_len"]), batch_size=batch_size,
                    pad_id=cls.padding_id(tokenizer_path))
 
-    @torch.inference_mode()
     def mean_nll(self, pieces: list[np.ndarray]) -> np.ndarray:
         """float64 (N,): mean next-token NLL of each token sequence; NaN for one with fewer than 2 tokens."""
         from engine.bliss.bilevel import lm_logits, sequence_losses
 
-        out = np.full(len(pieces), np.nan)
-        order = np.argsort([len(p) for p in pieces], kind="stable")  # similar lengths share a batch
-        order = [i for i in order if len(pieces[i]) >= 2]
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        @torch.inference_mode()
+        def score_group(idx: np.ndarray) -> np.ndarray:
             ids_t, mask_t = collate([pieces[i] for i in idx], self.pad_id, self.device)
             with self.autocast():
-                losses = sequence_losses(lm_logits(self.model, ids_t, mask_t), ids_t, mask_t)
-            out[idx] = losses.double().cpu().numpy()
+                return sequence_losses(lm_logits(self.model, ids_t, mask_t), ids_t, mask_t).double().cpu().numpy()
+
+        out = np.full(len(pieces), np.nan)
+        order = np.argsort([len(p) for p in pieces], kind="stable")  # similar lengths share a batch
+        order = np.asarray([i for i in order if len(pieces[i]) >= 2], dtype=np.int64)
+        groups = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        for idx, losses in zip(groups, self.map_sub_batches(score_group, groups), strict=True):
+            out[idx] = losses
         return out
 
     def score(self, batch: ShardBatch) -> np.ndarray:
