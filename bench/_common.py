@@ -44,16 +44,18 @@ def record(name: str, figures: dict) -> Path:
     return path
 
 
-def run_blissctl(args: list[str], *, log: Path | None = None, threads: int | None = None) -> dict:
+def run_blissctl(args: list[str], *, log: Path | None = None, threads: int | None = None,
+                 env: dict[str, str] | None = None) -> dict:
     """``python -m blissctl ARGS`` as users run it (``run_command``)."""
-    return run_command([sys.executable, "-m", "blissctl", *args], log=log, threads=threads)
+    return run_command([sys.executable, "-m", "blissctl", *args], log=log, threads=threads, env=env)
 
 
-def run_command(argv: list[str], *, log: Path | None = None, threads: int | None = None) -> dict:
+def run_command(argv: list[str], *, log: Path | None = None, threads: int | None = None,
+                env: dict[str, str] | None = None) -> dict:
     """``argv`` to completion; its output appended to ``log`` (or returned as ``output``). Wall seconds,
     and the user and system seconds of it and its children (``wait4``: this command's own, even with
-    other commands running). ``threads`` sets ``OMP_NUM_THREADS``. Exits on failure."""
-    env = dict(os.environ)
+    other commands running). ``threads`` sets ``OMP_NUM_THREADS``, ``env`` adds variables. Exits on failure."""
+    env = {**os.environ, **(env or {})}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

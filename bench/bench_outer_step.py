@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--routes", default="graph:exact,jvp:exact,fd:exact,fd:fd",
                         help="hypergradient route:z-solve products, comma-separated (measured in one run)")
     parser.add_argument("--z-steps", type=int, default=3)
+    parser.add_argument("--z-carry", action="store_true", help="start each z-solve from the previous step's z")
     parser.add_argument("--name", default="bliss_outer_step", help="results file name")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -95,19 +96,22 @@ def main() -> None:
         hypergrad, z_hvp = route.split(":")
         config = TrainScorerConfig(train=("unused",), val="unused", proxy=args.proxy, batch_size=args.batch,
                                    seq_len=args.seq_len, steps=100, hypergrad=hypergrad, z_hvp=z_hvp,
-                                   z_steps=args.z_steps)
+                                   z_steps=args.z_steps, z_carry=args.z_carry)
         proxy, score_model = copy.deepcopy(proxy0), copy.deepcopy(score0)  # every route from the same state
         opt_proxy = make_adamw(proxy, config, model_config.lr)
         opt_scorer = make_adamw(score_model, config, config.lr_scorer)
         batch = batches(2)
         timers = []
+        carried = None  # --z-carry: each z-solve starts from the step before's z (the first from z_init)
         for step in range(args.outer_steps):
             timer = PhaseTimer(device)
             start = time.perf_counter()
-            outer_step(proxy=proxy, score_model=score_model, target=None, opt_proxy=opt_proxy, opt_scorer=opt_scorer,
+            out = outer_step(proxy=proxy, score_model=score_model, target=None, opt_proxy=opt_proxy, opt_scorer=opt_scorer,
                        train_batches=(batch() for _ in range(config.inner_steps + 1)), val_batch=batch(),
-                       config=config, gamma=0.0, step=step, lr_proxy=model_config.lr, timer=timer)
+                       config=config, gamma=0.0, step=step, lr_proxy=model_config.lr, timer=timer,
+                       z_start=carried)
             timer.seconds["total"] = time.perf_counter() - start
+            carried = out.z if args.z_carry else None
             timers.append(timer.seconds)
             print(f"{route} outer step {step}: " + ", ".join(f"{k} {v:.2f} s" for k, v in timer.seconds.items()),
                   flush=True)
@@ -122,7 +126,7 @@ def main() -> None:
         }
     record(args.name, {
         "proxy": args.proxy, "batch": args.batch, "seq_len": args.seq_len, "vocab": args.vocab,
-        "threads": args.threads, "device": args.device, "inner_steps": 5, "z_steps": args.z_steps,
+        "threads": args.threads, "device": args.device, "inner_steps": 5, "z_steps": args.z_steps, "z_carry": args.z_carry,
         "plain_step_s": round(plain_s, 3), "goal_plain_steps_beyond_k": {"fd": 3.0},
         "outer_step": results,
     })

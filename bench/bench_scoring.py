@@ -9,12 +9,15 @@ the ``tiny`` scorer and ``--chunks 4`` that the quality bench picked). On one po
    (ours) for reference;
 2. DSIR itself (PyPI ``data-selection``: fit on the same target, weigh, top-k resample) on the shard;
 3. In process, the scorer alone on the shard's pre-tokenised documents, one candidate speed-up at a
-   time: fp32 (the default), bf16 autocast, int8 dynamic quantisation of the Linear layers, and one
-   thread against the plan's. Each candidate's kept set (top share of documents by score) is compared
+   time: fp32 with the plan's threads as torch's intra-op threads (``fp32``) and as sub-batches side
+   by side with one torch thread each (what select does on a CPU), bf16 autocast, int8 dynamic
+   quantisation of the Linear layers, and one thread against the plan's. Each candidate's kept set (top share of documents by score) is compared
    with fp32's: a faster variant must keep ≥ 99% of it.
 
 Recorded in bench/results/scoring.json: ``scoring.bliss_over_dsir_ratio`` (end-to-end docs/s of
-``select --scorer bliss`` ÷ DSIR's, goal ≥ 1.0) and ``scoring.variants.<name>`` (docs/s, speed-up over
+``select --scorer bliss`` ÷ DSIR's, goal ≥ 1.0), ``scoring.bliss_scoring_phase_over_dsir_ratio`` (the
+same from select's start event on, after its imports and model load, as DSIR's is timed after its
+imports), ``scoring.select_bliss_by_setting`` (reader workers and the OpenMP wait policy) and ``scoring.variants.<name>`` (docs/s, speed-up over
 fp32, kept-set overlap).
 
     .venv/bin/python bench/bench_scoring.py --runs-dir runs              # after blissctl demo --runs-dir runs
@@ -37,13 +40,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _common import POOL, record, run_blissctl  # noqa: E402
 
 
-def select_rate(argv: list[str], runs: Path, run: str) -> dict:
-    cost = run_blissctl(["select", *argv, "--runs-dir", str(runs), "--run", run])
+def select_rate(argv: list[str], runs: Path, run: str, env: dict[str, str] | None = None) -> dict:
+    """End to end (the process's wall time, start-up and imports included), and the scoring phase alone
+    (select's ``done`` event: from its ``start`` event, after the score model is loaded)."""
+    cost = run_blissctl(["select", *argv, "--runs-dir", str(runs), "--run", run], env=env)
     manifest = json.loads((runs / run / "selected" / "manifest.json").read_text())
     seen = manifest["documents"]["seen"]
-    plan = next((line.strip() for line in cost["output"].splitlines() if "torch threads" in line), None)
+    plan = next((line.strip() for line in cost["output"].splitlines() if "threads:" in line), None)
+    done = [json.loads(line) for line in (runs / run / "events.jsonl").read_text().splitlines() if '"done"' in line]
+    phase_s = done[-1]["elapsed_s"]
     return {"docs_per_s": round(seen / cost["wall_s"], 1), "wall_s": cost["wall_s"], "docs": seen,
-            "kept": manifest["documents"]["kept"], "cpu_s": cost["cpu_s"], "plan": plan}
+            "kept": manifest["documents"]["kept"], "cpu_s": cost["cpu_s"], "user_s": cost["user_s"],
+            "sys_s": cost["sys_s"], "start_up_s": round(cost["wall_s"] - phase_s, 2),
+            "scoring_phase_docs_per_s": round(seen / phase_s, 1), "plan": plan}
 
 
 def kept_set(scores, share: float) -> set[int]:
@@ -93,6 +102,15 @@ def main() -> None:
             [*common, "--scorer", "bliss", "--scorer-run", args.scorer_run, "--chunks", str(args.chunks),
              "--threads", "2"], runs, "bliss-threads-2")
         print("select --scorer bliss --threads 2:", figures["select_bliss_threads_2"], flush=True)
+        # Reader processes beside the scorer's torch threads, on the same cores: how many, and whether
+        # OpenMP's threads spin (its default) or sleep while they wait for a descheduled sibling.
+        figures["select_bliss_by_setting"] = {}
+        for name, flags, env in (("workers_2", ["--workers", "2"], None), ("workers_1", ["--workers", "1"], None),
+                                 ("workers_0", ["--workers", "0"], None),
+                                 ("workers_2_omp_passive", ["--workers", "2"], {"OMP_WAIT_POLICY": "PASSIVE"})):
+            row = select_rate([*bliss_argv, *flags], runs, f"bliss-{name}", env=env)
+            figures["select_bliss_by_setting"][name] = row
+            print(f"select --scorer bliss, {name}:", row, flush=True)
         figures["select_dsir_ours"] = select_rate(
             [*common, "--scorer", "dsir", "--val", str(target),
              "--tokenizer", str(args.runs_dir / args.scorer_run / "tokenizer.json")], runs, "dsir")
@@ -104,6 +122,9 @@ def main() -> None:
     if "docs_per_s" in figures["dsir_reference"]:
         figures["bliss_over_dsir_ratio"] = round(
             figures["select_bliss"]["docs_per_s"] / figures["dsir_reference"]["docs_per_s"], 3)
+        # DSIR's figure is timed in this process, after its imports; select's scoring phase is the like of it
+        figures["bliss_scoring_phase_over_dsir_ratio"] = round(
+            figures["select_bliss"]["scoring_phase_docs_per_s"] / figures["dsir_reference"]["docs_per_s"], 3)
 
     # 3. candidates, in process, on the shard's documents tokenised once
     scorer = BlissScorer.load(args.scorer_run, args.runs_dir, chunks=args.chunks)
@@ -117,8 +138,14 @@ def main() -> None:
     plan_threads = thread_plan().threads
     fp32_model = scorer.model
 
-    def timed(model, threads: int, autocast_dtype=None) -> dict:
-        torch.set_num_threads(threads)
+    def timed(model, threads: int, autocast_dtype=None, sub_batch_threads: bool = False) -> dict:
+        """``threads`` as torch's intra-op threads, or (``sub_batch_threads``) as sub-batches scored side
+        by side with one torch thread each, what select does on a CPU (``ModelScorer.use_threads``)."""
+        if sub_batch_threads:
+            scorer.use_threads(threads)
+        else:
+            torch.set_num_threads(threads)
+            scorer.parallel_batches = 1
         scorer.model = model
         with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
             scorer.score(batches[0])  # warm-up, untimed: the first variant measured would pay it alone
@@ -129,6 +156,7 @@ def main() -> None:
         return {"docs_per_s": round(len(tokens) / elapsed, 1), "threads": threads, "scores": scores}
 
     variants = {"fp32": timed(fp32_model, plan_threads)}
+    variants["fp32_sub_batches_side_by_side"] = timed(fp32_model, plan_threads, sub_batch_threads=True)
     variants["fp32_1_thread"] = timed(fp32_model, 1)
     variants["bf16_autocast"] = timed(fp32_model, plan_threads, torch.bfloat16)
     quantised = copy.deepcopy(fp32_model)  # the backbone's Linear layers; the one-output head stays fp32

@@ -62,7 +62,7 @@ def select_command(
     temperature: Annotated[float, typer.Option(help="Gumbel-top-k temperature; 0 keeps the top scores exactly.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the random scorer and of the Gumbel noise.")] = 0,
     workers: Annotated[int, typer.Option(help="Reader processes (decompress, parse, tokenise); 0: none.")] = 2,
-    threads: Annotated[int | None, typer.Option(help="Torch threads of the score model. Default: the cores other work leaves idle.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads of the score model (on a CPU, sub-batches scored side by side, one torch thread each). Default: the cores other work leaves idle.")] = None,
     seq_len: Annotated[
         int | None,
         typer.Option(help="Tokens of each document the scorer sees. Default: the score model's training length (bliss), 512 (random)."),
@@ -159,7 +159,8 @@ def select_command(
     )
     run_dir = RunDir.named(_default_run_name(scorer, budget) if run is None else run, runs_dir)
     if plan is not None and is_main_process():
-        console.print(f"[dim]{plan.describe()}[/]")
+        # On a CPU the threads score sub-batches side by side, one torch thread each (ModelScorer.use_threads).
+        console.print(f"[dim]{plan.describe('scoring threads')}[/]")
     if not is_main_process():  # under torchrun only rank 0 talks to the terminal
         run_select(config, run_dir)
         return

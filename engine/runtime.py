@@ -189,13 +189,13 @@ class ThreadPlan:
     from_environment: bool = False
     """The request came from ``OMP_NUM_THREADS``, not ``--threads``."""
 
-    def describe(self) -> str:
+    def describe(self, what: str = "torch threads") -> str:
         if self.requested:
-            return f"torch threads: {self.threads} ({'OMP_NUM_THREADS' if self.from_environment else '--threads'})"
+            return f"{what}: {self.threads} ({'OMP_NUM_THREADS' if self.from_environment else '--threads'})"
         reasons = [f"{self.cores} core(s)"]
         if self.busy:
             reasons.append(f"less {self.busy} busy with other work")
-        return (f"torch threads: {self.threads} ({', '.join(reasons)}, ÷ {self.processes} process(es); "
+        return (f"{what}: {self.threads} ({', '.join(reasons)}, ÷ {self.processes} process(es); "
                 "--threads to change)")
 
 

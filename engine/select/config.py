@@ -51,8 +51,9 @@ class SelectConfig:
     workers: int = 2
     """Reader processes (decompress, parse, tokenise); 0 reads in the main process."""
     threads: int | None = None
-    """Torch threads of a model scorer in the main process (the CLI's default: the cores other work
-    leaves idle, ``engine.runtime.thread_plan``); None leaves torch's setting alone."""
+    """Threads of a model scorer in the main process (the CLI's default: the cores other work leaves
+    idle, ``engine.runtime.thread_plan``): on a CPU, sub-batches scored side by side with one torch
+    thread each (``ModelScorer.use_threads``); None leaves torch's setting alone."""
     tokenizer: str | None = None
     """A tokenizer.json or hub id; default: train a byte-level BPE on the input, saved in the run."""
     vocab_size: int = DEFAULT_VOCAB_SIZE
