@@ -5,7 +5,7 @@ The command is the one from issue 11 (default thread choice, one process on the 
     blissctl pretrain --data DATA --size tiny --seq-len 128 --micro-batch 16 --global-batch-tokens 2048
                       --steps STEPS --nproc-per-node 1 --device cpu
 
-run as a subprocess (launcher, data preparation, torchrun, the trainer). Its tokens/s is Δ tokens ÷
+run as a subprocess (launcher, data preparation, the trainer: one process starts without torchrun). Its tokens/s is Δ tokens ÷
 Δ time over the logged steps after the first quarter. The reference is a bare loop in a fresh process
 with one torch thread on the same model and batch shape (random tokens of the same vocabulary:
 forward, cross-entropy, backward, AdamW). Both are measured with the machine idle (as far as this

@@ -141,11 +141,9 @@ def main() -> None:
     def timed(model, threads: int, autocast_dtype=None, sub_batch_threads: bool = False) -> dict:
         """``threads`` as torch's intra-op threads, or (``sub_batch_threads``) as sub-batches scored side
         by side with one torch thread each, what select does on a CPU (``ModelScorer.use_threads``)."""
-        if sub_batch_threads:
-            scorer.use_threads(threads)
-        else:
-            torch.set_num_threads(threads)
-            scorer.parallel_batches = 1
+        scorer.use_threads(threads if sub_batch_threads else 1)
+        if not sub_batch_threads:
+            torch.set_num_threads(threads)  # the alternative measured: torch's intra-op threads
         scorer.model = model
         with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
             scorer.score(batches[0])  # warm-up, untimed: the first variant measured would pay it alone

@@ -243,61 +243,42 @@ def torchrun_executable() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run"]
 
 
-def torchrun_command(
-    config_file: Path | str,
-    *,
-    nproc_per_node: int,
-    nnodes: int = 1,
-    node_rank: int | None = None,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str = "blissctl",
-    resume: bool = False,
-    stop_after: int | None = None,
-    launcher: list[str] | None = None,
-) -> list[str]:
-    """The ``torchrun`` argv that starts ``engine.pretrain.worker`` on this node."""
-    if nproc_per_node < 1:
-        raise UserError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
-    if nnodes < 1:
-        raise UserError(f"--nnodes must be at least 1, got {nnodes}")
-    if node_rank is not None and not 0 <= node_rank < nnodes:
-        raise UserError(f"--node-rank must be in 0..{nnodes - 1}, got {node_rank}")
-    if rdzv_endpoint is not None and ":" not in rdzv_endpoint:
-        raise UserError(f"--rdzv-endpoint must be HOST:PORT, got {rdzv_endpoint!r}")
+def worker_arguments(config_file: Path | str, *, resume: bool = False, stop_after: int | None = None
+                     ) -> list[str]:
+    """``-m engine.pretrain.worker`` and its flags: the tail of the trainer's command either way."""
+    args = ["-m", WORKER_MODULE, "--config", str(config_file)]
+    if resume:
+        args.append("--resume")
+    if stop_after is not None:
+        args += ["--stop-after", str(stop_after)]
+    return args
+
+
+def torchrun_command(config_file: Path | str, launch: LaunchConfig, *, nproc_per_node: int,
+                     rdzv_id: str = "blissctl", launcher: list[str] | None = None) -> list[str]:
+    """The ``torchrun`` argv that starts ``engine.pretrain.worker`` on this node (``launch`` has
+    checked its flags)."""
     cmd = list(launcher or torchrun_executable())
-    if nnodes == 1 and rdzv_endpoint is None:
+    if launch.nnodes == 1 and launch.rdzv_endpoint is None:
         cmd += ["--standalone", "--nnodes", "1"]
     else:
-        if rdzv_endpoint is None:
-            raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the address of node 0)")
-        cmd += ["--nnodes", str(nnodes)]
-        if node_rank is not None:  # fixed ranks: node 0 hosts the store at the endpoint
-            cmd += ["--node-rank", str(node_rank), "--rdzv-backend", "static", "--rdzv-endpoint", rdzv_endpoint]
+        cmd += ["--nnodes", str(launch.nnodes)]
+        if launch.node_rank is not None:  # fixed ranks: node 0 hosts the store at the endpoint
+            cmd += ["--node-rank", str(launch.node_rank), "--rdzv-backend", "static",
+                    "--rdzv-endpoint", launch.rdzv_endpoint]
         else:
-            cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id]
-    cmd += ["--nproc-per-node", str(nproc_per_node), "-m", WORKER_MODULE, "--config", str(config_file)]
-    if resume:
-        cmd.append("--resume")
-    if stop_after is not None:
-        cmd += ["--stop-after", str(stop_after)]
-    return cmd
+            cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", launch.rdzv_endpoint, "--rdzv-id", rdzv_id]
+    return cmd + ["--nproc-per-node", str(nproc_per_node),
+                  *worker_arguments(config_file, resume=launch.resume, stop_after=launch.stop_after)]
 
 
-def runs_without_torchrun(*, nproc_per_node: int, nnodes: int, rdzv_endpoint: str | None, fsdp: bool) -> bool:
-    """One DDP process on one node: nothing to rendezvous with, so no torchrun agent is needed. FSDP
-    keeps torchrun even on one process: its sharded, bf16-policy model needs the process group."""
-    return nproc_per_node == 1 and nnodes == 1 and rdzv_endpoint is None and not fsdp
-
-
-def direct_worker_command(config_file: Path | str, *, resume: bool = False, stop_after: int | None = None
-                          ) -> list[str]:
-    """The trainer started as a plain process (``runs_without_torchrun``), in this Python's environment."""
-    cmd = [sys.executable, "-m", WORKER_MODULE, "--config", str(config_file)]
-    if resume:
-        cmd.append("--resume")
-    if stop_after is not None:
-        cmd += ["--stop-after", str(stop_after)]
-    return cmd
+def trainer_command(config_file: Path | str, launch: LaunchConfig, *, nproc_per_node: int, fsdp: bool,
+                    rdzv_id: str = "blissctl") -> list[str]:
+    """How this node starts its trainers: torchrun (``launch.under_torchrun``), or the one trainer as a
+    plain process in this Python's environment."""
+    if launch.under_torchrun(nproc_per_node=nproc_per_node, fsdp=fsdp):
+        return torchrun_command(config_file, launch, nproc_per_node=nproc_per_node, rdzv_id=rdzv_id)
+    return [sys.executable, *worker_arguments(config_file, resume=launch.resume, stop_after=launch.stop_after)]
 
 
 def format_command(cmd: list[str]) -> str:
@@ -449,6 +430,19 @@ class LaunchConfig:
             raise UserError(f"--nproc-per-node must be at least 1, got {self.nproc_per_node}")
         if self.nnodes < 1:
             raise UserError(f"--nnodes must be at least 1, got {self.nnodes}")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
+            raise UserError(f"--node-rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.rdzv_endpoint is not None and ":" not in self.rdzv_endpoint:
+            raise UserError(f"--rdzv-endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise UserError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the address of node 0)")
+
+    def under_torchrun(self, *, nproc_per_node: int, fsdp: bool) -> bool:
+        """Whether the trainers start under torchrun. One DDP process on one node has nothing to
+        rendezvous with, so it starts directly unless ``--torchrun`` asks; FSDP keeps torchrun even
+        on one process (its sharded, bf16-policy model needs the process group)."""
+        alone = nproc_per_node == 1 and self.nnodes == 1 and self.rdzv_endpoint is None and not fsdp
+        return self.torchrun or not alone
 
     @property
     def takes_the_run_lock(self) -> bool:
@@ -480,7 +474,7 @@ def describe(config: PretrainConfig) -> str:
 
 def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, say: Callable[[str], None]) -> None:
     """``blissctl pretrain``: resolve the config, prepare the data once, freeze the config, start the
-    trainers (torchrun, or the one trainer directly: ``runs_without_torchrun``).
+    trainers (``trainer_command``: torchrun, or the one trainer directly).
 
     ``flags`` are the training settings the user gave (``None`` = not given); ``say`` prints a line.
     """
@@ -489,16 +483,9 @@ def launch_pretrain(flags: dict[str, Any], launch: LaunchConfig, run: RunDir, sa
     config = resolve_config({**flags, "world_size": nproc * launch.nnodes}, run, resume=launch.resume, notes=notes)
     threads = thread_plan(processes=nproc, requested=flags.get("threads"))  # before any worker of ours starts
     config = dataclasses.replace(config, threads=threads.threads)
-    cmd = torchrun_command(
-        config_path(run), nproc_per_node=nproc, nnodes=launch.nnodes, node_rank=launch.node_rank,
-        rdzv_endpoint=launch.rdzv_endpoint, rdzv_id=f"blissctl-{run.name}", resume=launch.resume,
-        stop_after=launch.stop_after,
-    )  # built (and its flags checked) even when unused
-    launcher = "torchrun"
-    if not launch.torchrun and runs_without_torchrun(nproc_per_node=nproc, nnodes=launch.nnodes,
-                                                     rdzv_endpoint=launch.rdzv_endpoint, fsdp=config.fsdp):
-        cmd = direct_worker_command(config_path(run), resume=launch.resume, stop_after=launch.stop_after)
-        launcher = "the trainer"
+    cmd = trainer_command(config_path(run), launch, nproc_per_node=nproc, fsdp=config.fsdp,
+                          rdzv_id=f"blissctl-{run.name}")
+    launcher = "torchrun" if launch.under_torchrun(nproc_per_node=nproc, fsdp=config.fsdp) else "the trainer"
     if not launch.resume and (run.checkpoints / "latest").exists():
         raise UserError(f"run {run.root} already has checkpoints; pass --resume to continue it or pick another --run")
     for note in notes:

@@ -92,7 +92,7 @@ class ModelScorer:
         self.pad_id = pad_id
         self._sha256: str | None = None
         self.parallel_batches = 1
-        """Sub-batches scored at once on a CPU, each on its own thread (``use_threads``)."""
+        """Sub-batches scored at once on a CPU, each on its own thread of ``_pool`` (``use_threads``)."""
         self._pool = None
 
     @staticmethod
@@ -125,23 +125,23 @@ class ModelScorer:
         ran it, or when. On a GPU: torch's threads."""
         import torch
 
-        if self.device.type == "cpu" and threads > 1:
-            torch.set_num_threads(1)
-            self.parallel_batches = threads
-        else:
-            torch.set_num_threads(threads)
-            self.parallel_batches = 1
+        if self._pool is not None:
+            self._pool.shutdown()
+        side_by_side = self.device.type == "cpu" and threads > 1
+        torch.set_num_threads(1 if side_by_side else threads)
+        self.parallel_batches = threads if side_by_side else 1
+        self._pool = None
+        if side_by_side:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="scorer")
 
     def map_sub_batches(self, score_group: Callable[[np.ndarray], np.ndarray], groups: Sequence[np.ndarray]
                         ) -> list[np.ndarray]:
-        """``score_group(g)`` for each group, in order: on ``parallel_batches`` threads (torch releases the
-        GIL inside its operators). ``score_group`` enters inference mode itself: it is per thread."""
-        if self.parallel_batches <= 1 or len(groups) <= 1:
+        """``score_group(g)`` for each group, in order: on the threads of ``use_threads`` (torch releases
+        the GIL inside its operators). ``score_group`` enters inference mode itself: it is per thread."""
+        if self._pool is None or len(groups) <= 1:
             return [score_group(group) for group in groups]
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self.parallel_batches, thread_name_prefix="scorer")
         return list(self._pool.map(score_group, groups))
 
     def identity(self) -> dict[str, Any]:

@@ -48,8 +48,9 @@ class PerplexityScorer(ModelScorer):
                 return sequence_losses(lm_logits(self.model, ids_t, mask_t), ids_t, mask_t).double().cpu().numpy()
 
         out = np.full(len(pieces), np.nan)
-        order = np.argsort([len(p) for p in pieces], kind="stable")  # similar lengths share a batch
-        order = np.asarray([i for i in order if len(pieces[i]) >= 2], dtype=np.int64)
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        order = np.argsort(lengths, kind="stable")  # similar lengths share a batch
+        order = order[lengths[order] >= 2]
         groups = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         for idx, losses in zip(groups, self.map_sub_batches(score_group, groups), strict=True):
             out[idx] = losses
