@@ -19,6 +19,10 @@ POOL = SHARED / "corpus" / "pool"
 VAL = SHARED / "corpus" / "val" / "narrative.jsonl.zst"
 PYTHIA_TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 RESULTS = ROOT / "bench" / "results"
+SELECTION_SHARDS = str(POOL / "c4-train.0000[0-3]-of-00008.jsonl.zst")
+"""The pool of a second-target run: half of the shards, so that the target's documents are not in it."""
+HOLDOUT_SHARDS = str(POOL / "c4-train.0000[4-7]-of-00008.jsonl.zst")
+"""Where a second target's documents come from (``second_target``)."""
 
 
 def pool_shards() -> list[Path]:
@@ -87,3 +91,26 @@ def overlap(kept: set, reference: set) -> tuple[float, float]:
     """(share of ``reference`` that ``kept`` holds, Jaccard)."""
     both = len(kept & reference)
     return round(both / max(len(reference), 1), 4), round(both / max(len(kept | reference), 1), 4)
+
+
+def second_target(work: Path, source: str, holdout: str, documents: int) -> tuple[Path, Path]:
+    """Target B: the first ``documents`` documents of ``source`` in the held-out shards, alternately target
+    and evaluation."""
+    import orjson
+    import zstandard
+
+    from engine.data.sources import discover_shards, read_documents
+
+    target, held_out = work / f"B-{source}-target.jsonl.zst", work / f"B-{source}-eval.jsonl.zst"
+    if not (target.exists() and held_out.exists()):
+        lines = []
+        for doc in read_documents(discover_shards(holdout)):
+            if doc.record.get("source") == source:
+                lines.append(orjson.dumps({"text": doc.text, "source": source}))
+                if len(lines) >= documents:
+                    break
+        if len(lines) < 20:
+            raise SystemExit(f"only {len(lines)} documents of source {source!r} in {holdout}")
+        for path, part in ((target, lines[0::2]), (held_out, lines[1::2])):
+            path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(part) + b"\n"))
+    return target, held_out

@@ -13,6 +13,12 @@ blissctl pretrain, its validation loss logged every few steps, and blissctl eval
 bits per byte. The 978 narrative passages are split alternately: 489 are the selection target (train-scorer's
 --val, DSIR's target), the other 489 are only ever used for evaluation.
 
+A second target (``--target-source SOURCE``, with ``--pool`` the first four shards by default then): the
+first ``--target-documents`` documents of one ``source`` from the other four shards, split alternately into
+a target half and an evaluation half the same way. Use a WORK of its own; nothing is recorded in
+bench/results with it (run ``--stop-after pretrain``): it is for checking a choice on a target besides the
+narrative one.
+
 Every stage is a blissctl command built by ``engine.experiment`` (the demo's own command lines) or the
 baseline script, run as its own process, so the CPU-seconds of each (children's rusage) are measured;
 finished stages are reused on a rerun (delete WORK/NAME to redo one).
@@ -36,7 +42,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import POOL, RESULTS, VAL, record, run_command  # noqa: E402
+from _common import (  # noqa: E402
+    HOLDOUT_SHARDS,
+    POOL,
+    RESULTS,
+    SELECTION_SHARDS,
+    VAL,
+    record,
+    run_command,
+    second_target,
+)
 
 from engine.data.sample import BOOK_SOURCES  # noqa: E402
 from engine.eval.compare import (  # noqa: E402
@@ -391,7 +406,9 @@ def readme(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="where the runs go")
-    parser.add_argument("--pool", type=Path, default=POOL, help="the candidate pool (default: ../shared/corpus/pool)")
+    parser.add_argument("--pool", type=Path, default=None,
+                        help="the candidate pool (default: ../shared/corpus/pool; its first four shards with "
+                             "--target-source)")
     parser.add_argument("--budget", default="30%")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     parser.add_argument("--seed", type=int, default=0)
@@ -417,14 +434,26 @@ def main() -> None:
     parser.add_argument("--stop-after", choices=("subsets", "pretrain"), default=None)
     parser.add_argument("--task-data", type=Path, default=None,
                         help="a folder of the paper's nine tasks (README, 'Downstream evaluation'): adds their average")
+    parser.add_argument("--target-source", default=None,
+                        help="a second target instead of the narrative passages: documents of this source")
+    parser.add_argument("--holdout", default=HOLDOUT_SHARDS,
+                        help="shards, not in --pool, that --target-source's documents come from")
+    parser.add_argument("--target-documents", type=int, default=400)
     args = parser.parse_args()
+    if args.pool is None:
+        args.pool = Path(SELECTION_SHARDS) if args.target_source else POOL
+    if args.target_source and args.stop_after != "pretrain":
+        parser.error("--target-source runs with --stop-after pretrain (bench/results holds the narrative target)")
     args.tokens = int(args.tokens)
     args.arms = [a for a in args.arms.split(",") if a]
     args.variants = [v for v in args.variants.split(",") if v]
     work = args.work.resolve()
     args.work = str(work)
     work.mkdir(parents=True, exist_ok=True)
-    target, held_out = split_val(work)
+    if args.target_source:
+        target, held_out = second_target(work, args.target_source, args.holdout, args.target_documents)
+    else:
+        target, held_out = split_val(work)
     prepare_subsets(args, work, target)
     if args.stop_after == "subsets":
         return

@@ -38,35 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import POOL, kept_lines, overlap, record, run_command  # noqa: E402
+from _common import HOLDOUT_SHARDS, POOL, kept_lines, overlap, record, run_command, second_target  # noqa: E402
 from quality import split_val  # noqa: E402
 
 from engine.eval.compare import speedup  # noqa: E402
 
 ARMS = {"random": ["--scorer", "random"], "dsir": ["--scorer", "dsir"],
         "bliss-once": ["--scorer", "bliss", "--scorer-rounds", "1"], "bliss": ["--scorer", "bliss"]}
-
-
-def second_target(work: Path, source: str, holdout: str, documents: int) -> tuple[Path, Path]:
-    """Target B: the first ``documents`` documents of ``source`` in the held-out shards, alternately target
-    and evaluation."""
-    import zstandard
-
-    from engine.data.sources import discover_shards, read_documents
-
-    target, held_out = work / f"B-{source}-target.jsonl.zst", work / f"B-{source}-eval.jsonl.zst"
-    if not (target.exists() and held_out.exists()):
-        lines = []
-        for doc in read_documents(discover_shards(holdout)):
-            if doc.record.get("source") == source:
-                lines.append(orjson.dumps({"text": doc.text, "source": source}))
-                if len(lines) >= documents:
-                    break
-        if len(lines) < 20:
-            raise SystemExit(f"only {len(lines)} documents of source {source!r} in {holdout}")
-        for path, part in ((target, lines[0::2]), (held_out, lines[1::2])):
-            path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(part) + b"\n"))
-    return target, held_out
 
 
 def cross_target_overlap(work: Path, arms: list[str], seed: int, rounds: int) -> dict:
@@ -193,7 +171,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every stage (1: a shared machine)")
     parser.add_argument("--target-source", help="run target B instead: documents of this source")
-    parser.add_argument("--holdout", default=str(POOL / "c4-train.0000[4-7]-of-00008.jsonl.zst"),
+    parser.add_argument("--holdout", default=HOLDOUT_SHARDS,
                         help="shards, not in --pool, that target B's documents come from")
     parser.add_argument("--target-documents", type=int, default=400)
     parser.add_argument("--tag", default="", help="a variant's suffix to its experiments' names (with --extra)")
