@@ -30,14 +30,18 @@ def eval_command(
     task_data: Annotated[Path | None, Opt("--task-data", help="Folder of each task's examples: DIR/TASK/SPLIT.jsonl (see README).")] = None,  # noqa: E501
     task_batch: Annotated[int, Opt("--task-batch", help="Examples per lm-eval forward pass.")] = 16,
     task_limit: Annotated[int | None, Opt("--task-limit", help="At most this many examples per task (a quick look).")] = None,  # noqa: E501
+    threads: Annotated[int | None, Opt("--threads", help="Torch threads. Default: the cores other work leaves idle (printed at start).")] = None,  # noqa: E501
 ) -> None:
     from engine.eval.evaluate import EvalConfig, run_eval
     from engine.eval.tasks import parse_tasks
+    from engine.runtime import thread_plan
 
+    plan = thread_plan(requested=threads)
+    console.print(f"[dim]{plan.describe()}[/]")
     outcome = run_eval(EvalConfig(
         checkpoint=str(checkpoint or ""), val=val, seq_len=seq_len, batch_size=batch, device=device,
         tasks=parse_tasks(tasks) if tasks else (), task_data=str(task_data) if task_data else None,
-        task_batch_size=task_batch, task_limit=task_limit,
+        task_batch_size=task_batch, task_limit=task_limit, threads=plan.threads,
     ))
     console.print(f"checkpoint {outcome.checkpoint}", soft_wrap=True)
     result = outcome.result

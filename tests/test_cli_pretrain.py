@@ -50,9 +50,18 @@ def test_two_process_torchrun_pretrain_on_the_embedded_sample_then_eval(tmp_path
     assert header["n_documents"] == 9600 and header["dtype"] == "uint16"
 
     val = write_shard(tmp_path / "heldout.jsonl", make_records(20, seed=7))
-    result = runner.invoke(app, ["eval", "--checkpoint", str(run), "--val", str(val), "--batch", "16"])
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        result = runner.invoke(app, ["eval", "--checkpoint", str(run), "--val", str(val), "--batch", "16",
+                                     "--threads", "1"])
+        assert torch.get_num_threads() == 1  # eval ran on the one thread asked for (the demo's arms side by side)
+    finally:
+        torch.set_num_threads(threads_before)
     assert result.exit_code == 0, result.output
     assert "bits per byte" in result.output and "perplexity" in result.output
+    assert "torch threads: 1 (--threads)" in result.output
     evaluation = events_of(run)[-1]
     assert evaluation["stage"] == "eval" and evaluation["kind"] == "eval"
     assert evaluation["checkpoint"].endswith("step_000004")
@@ -135,6 +144,8 @@ def test_eval_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "checkpoint not found" in result.stderr
     result = runner.invoke(app, ["eval"])
     assert result.exit_code == 2 and "--checkpoint is required" in result.stderr
+    result = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "none"), "--threads", "0"])
+    assert result.exit_code == 2 and "--threads must be at least 1" in result.stderr
 
 
 def test_select_output_brings_its_tokenizer(tmp_path, small_tokenizer):

@@ -137,6 +137,8 @@ class EvalConfig:
     """``--task-batch``: examples per lm-eval forward pass."""
     task_limit: int | None = None
     """``--task-limit``: at most this many examples per task (a quick look, not the paper's figure)."""
+    threads: int | None = None
+    """Torch threads (``--threads`` as ``thread_plan`` resolved it); None leaves torch's own count."""
 
     def __post_init__(self) -> None:
         from engine.errors import UserError
@@ -183,6 +185,10 @@ def run_eval(config: EvalConfig) -> EvalOutcome:
     from engine.run_dir import RunDir
 
     task_config = config.task_config() if config.tasks else None  # flag errors before any work
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.threads)
     folder = resolve_checkpoint(config.checkpoint)
     run_root = run_dir_of(folder)
     run = RunDir(run_root) if run_root is not None else None
