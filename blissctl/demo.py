@@ -2,7 +2,7 @@
 
 With no arguments, on the embedded pool (9,600 documents) and its 300 held-out narrative passages: train-scorer trains a tiny proxy LM and its score model against the passages; select keeps 30% of the pool's tokens with BLISS, and 30% at random (the control arm, same tokenizer); pretrain trains the same tiny model on each subset (same seed, token count and schedule); eval measures each on the passages. The demo then prints what each subset contains, validation loss, bits per byte, the loss against tokens trained, and BLISS's speed-up over random.
 
-Each stage is the blissctl command it prints, so any one can be rerun by hand. Running the demo again with the same settings reuses finished stages and continues an interrupted one; --force redoes everything. About 4 minutes on 2 free CPU cores (longer when they are shared). The figures are also saved to RUNS_DIR/PREFIX-comparison.json.
+Each stage is the blissctl command it prints, so any one can be rerun by hand. After train-scorer the two arms run side by side, each on half the cores (their output is shown when each ends, and kept in RUNS_DIR/PREFIX-logs/). Running the demo again with the same settings reuses finished stages and continues an interrupted one; --force redoes everything. About 4 minutes on 2 free CPU cores (longer when they are shared). The figures are also saved to RUNS_DIR/PREFIX-comparison.json.
 
 Example: blissctl demo
 
@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from blissctl.common import console, handles_user_errors, run_blissctl_stage
+from blissctl.common import console, handles_user_errors, run_blissctl_stage, run_blissctl_stages_beside
 
 Opt = typer.Option
 
@@ -134,7 +134,8 @@ def demo_command(
     stages = prepare_demo(settings, runs_dir, force=force)
     started = time.perf_counter()
     run_stages(stages, runner=run_blissctl_stage,
-               announce=lambda number, stage, argv: _announce(number, len(stages), stage, argv))
+               announce=lambda number, stage, argv: _announce(number, len(stages), stage, argv),
+               beside=lambda runs: run_blissctl_stages_beside(runs, runs_dir / f"{prefix}-logs"))
     elapsed = time.perf_counter() - started
     result = comparison(settings, runs_dir)
     result["timings"] = {f"{i}:{s.argv[0]}:{s.run_dir.name}": s.timing for i, s in enumerate(stages, 1) if s.timing}

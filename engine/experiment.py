@@ -87,8 +87,8 @@ def pretrain_argv(*, data: Path, run: str, runs_dir: Path, size: str, val: str, 
             *(["--nproc-per-node", "1"] if device == "cpu" else []), *extra]
 
 
-def eval_argv(*, checkpoint: Path, val: str) -> list[str]:
-    return ["eval", "--checkpoint", str(checkpoint), "--val", val, "--device", "cpu"]
+def eval_argv(*, checkpoint: Path, val: str, threads: tuple[str, ...] = ()) -> list[str]:
+    return ["eval", "--checkpoint", str(checkpoint), "--val", val, "--device", "cpu", *threads]
 
 
 # ---- the demo --------------------------------------------------------------------------------------
@@ -154,13 +154,23 @@ class Stage:
     """Which round of ``blissctl rounds`` it belongs to (the demo has one)."""
     role: str = ""
     """What it does in its round: ``select``, ``pretrain``, ``proxy``, ``train-scorer``, ``eval``."""
+    beside_previous: bool = False
+    """Runs side by side with the stage before it (neither reads what the other writes): the demo's two
+    arms. Each then has half the cores (``pinned_threads(side_by_side=2)``)."""
 
 
-def pinned_threads() -> tuple[str, ...]:
-    """``--threads`` from the machine's cores alone, not their load at the moment: the thread count
-    changes the order of floating-point reductions, and the demo's figures must reproduce bit for bit
-    on the same machine (a busy machine makes it slower, not different)."""
-    return ("--threads", str(plan_threads().threads))
+def pinned_threads(side_by_side: int = 1) -> tuple[str, ...]:
+    """``--threads`` from the machine's cores alone (shared among ``side_by_side`` stages), not their
+    load at the moment: the thread count changes the order of floating-point reductions, and the demo's
+    figures must reproduce bit for bit on the same machine (a busy machine makes it slower, not
+    different)."""
+    return ("--threads", str(plan_threads(processes=side_by_side).threads))
+
+
+SIDE_BY_SIDE = 2
+"""The demo's arms run two at a time after train-scorer: the tiny models' operators are too short for
+two intra-op threads to pay (one thread per process did 1.2x the tokens of two threads in one), and a
+stage's start-up (imports, tokenising) leaves a core idle that the other arm's stage uses."""
 
 
 def plan(settings: DemoSettings, runs_dir: Path) -> list[Stage]:
@@ -186,8 +196,8 @@ def plan(settings: DemoSettings, runs_dir: Path) -> list[Stage]:
             argv=select_argv(arm=arm, train=settings.train, val=settings.val, budget=settings.budget, run=select.name,
                              runs_dir=runs_dir, scorer_run=scorer.root, seq_len=settings.scorer_seq_len,
                              seed=settings.seed, chunks=settings.chunks, exact_token_counts=True,
-                             extra=pinned_threads()),
-            run_dir=select.root,
+                             extra=pinned_threads(SIDE_BY_SIDE)),
+            run_dir=select.root, beside_previous=arm != DEMO_ARMS[0],
             done=lambda select=select: (select.selected / "manifest.json").exists(),
             resumable=lambda select=select: "select" in select.read_config(),
         ))
@@ -198,8 +208,9 @@ def plan(settings: DemoSettings, runs_dir: Path) -> list[Stage]:
             argv=pretrain_argv(data=runs_dir / settings.run(arm) / "selected", run=lm.name, runs_dir=runs_dir,
                                size=settings.size, val=settings.val, seq_len=settings.seq_len,
                                batch_tokens=settings.batch_tokens, steps=settings.steps,
-                               eval_every=settings.eval_every, seed=settings.seed, extra=pinned_threads()),
-            run_dir=lm.root,
+                               eval_every=settings.eval_every, seed=settings.seed,
+                               extra=pinned_threads(SIDE_BY_SIDE)),
+            run_dir=lm.root, beside_previous=arm != DEMO_ARMS[0],
             done=lambda lm=lm: stage_done(lm.root, "pretrain"),
             resumable=lambda lm=lm: lm.checkpoints.is_dir() and any(lm.checkpoints.iterdir()),
         ))
@@ -207,8 +218,8 @@ def plan(settings: DemoSettings, runs_dir: Path) -> list[Stage]:
         lm = runs_dir / settings.run(f"{arm}-lm")
         stages.append(Stage(
             title=f"eval: the {arm} model on the held-out passages",
-            argv=eval_argv(checkpoint=lm, val=settings.val),
-            run_dir=lm,
+            argv=eval_argv(checkpoint=lm, val=settings.val, threads=pinned_threads(SIDE_BY_SIDE)),
+            run_dir=lm, beside_previous=arm != DEMO_ARMS[0],
             done=lambda lm=lm: last_eval(lm) is not None,
         ))
     return stages
@@ -235,32 +246,75 @@ def prepare_demo(settings: DemoSettings, runs_dir: Path, *, force: bool) -> list
     return stages
 
 
+@dataclass(frozen=True)
+class StageExit:
+    """How a stage's process ended: its exit status, wall seconds, and the CPU-seconds it and its
+    children used."""
+
+    code: int
+    wall_s: float
+    cpu_s: float
+
+
+def side_by_side_groups(stages: list[Stage]) -> list[list[tuple[int, Stage]]]:
+    """``(number, stage)`` in runs of stages that go side by side (``beside_previous``), in order."""
+    groups: list[list[tuple[int, Stage]]] = []
+    for number, stage in enumerate(stages, 1):
+        if stage.beside_previous and groups:
+            groups[-1].append((number, stage))
+        else:
+            groups.append([(number, stage)])
+    return groups
+
+
 def run_stages(stages: list[Stage], runner: Callable[[list[str]], int],
                announce: Callable[[int, Stage, list[str] | None], None],
-               finished: Callable[[Stage], None] | None = None) -> None:
+               finished: Callable[[Stage], None] | None = None,
+               beside: Callable[[list[tuple[Stage, list[str]]]], list[StageExit]] | None = None) -> None:
     """Run each stage not yet done, in order (``--resume`` where it stopped half-way); ``announce`` is
     told of each (with the argv it runs, or None when it is already done), ``finished`` of each that ran
-    to its end. A failed stage stops the experiment with one line."""
+    to its end. Stages marked ``beside_previous`` run at once through ``beside`` (one after the other
+    through ``runner`` without it). A failed stage stops the experiment with one line, once the stages
+    beside it have ended."""
     import resource
 
     def children_cpu_s() -> float:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         return usage.ru_utime + usage.ru_stime
 
-    for number, stage in enumerate(stages, 1):
-        if stage.done():
-            announce(number, stage, None)
-            continue
-        argv = [*stage.argv, *(["--resume"] if stage.resumable() else [])]
-        announce(number, stage, argv)
+    def run_alone(argv: list[str]) -> StageExit:
         wall, cpu = time.perf_counter(), children_cpu_s()
         code = runner(argv)
-        stage.timing = {"wall_s": time.perf_counter() - wall, "cpu_s": children_cpu_s() - cpu}
-        if code != 0:
-            raise UserError(f"stage {number} ({argv[0]}) failed with exit status {code}; see its messages above. "
+        return StageExit(code, time.perf_counter() - wall, children_cpu_s() - cpu)
+
+    for group in side_by_side_groups(stages):
+        pending = []
+        for number, stage in group:
+            if stage.done():
+                announce(number, stage, None)
+                continue
+            argv = [*stage.argv, *(["--resume"] if stage.resumable() else [])]
+            announce(number, stage, argv)
+            pending.append((number, stage, argv))
+        if beside is not None and len(pending) > 1:
+            exits = beside([(stage, argv) for _, stage, argv in pending])
+        else:
+            exits = []
+            for _, _, argv in pending:
+                exits.append(run_alone(argv))
+                if exits[-1].code != 0:
+                    break
+        failed = None
+        for (number, stage, argv), exit in zip(pending, exits, strict=False):  # exits stop at a failure
+            stage.timing = {"wall_s": exit.wall_s, "cpu_s": exit.cpu_s}
+            if exit.code != 0:
+                failed = failed or (number, argv[0], exit.code)
+            elif finished is not None:
+                finished(stage)
+        if failed is not None:
+            number, command, code = failed
+            raise UserError(f"stage {number} ({command}) failed with exit status {code}; see its messages above. "
                             "Run the same command again to continue from there, or with --force to start over")
-        if finished is not None:
-            finished(stage)
 
 
 def comparison(settings: DemoSettings, runs_dir: Path, arms: tuple[str, ...] = DEMO_ARMS) -> dict:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from blissctl import demo
 from blissctl.cli import app
+from engine.experiment import SIDE_BY_SIDE, StageExit, pinned_threads
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +81,17 @@ class FakeStages:
         return 0
 
 
+def one_after_another(runs, log_dir):
+    """Stands in for the side-by-side runner: each stage through ``demo.run_blissctl_stage`` (whichever
+    fake a test put there), in order."""
+    return [StageExit(demo.run_blissctl_stage(argv), 0.0, 0.0) for _, argv in runs]
+
+
 @pytest.fixture
 def fake(monkeypatch):
     stages = FakeStages()
     monkeypatch.setattr(demo, "run_blissctl_stage", stages)
+    monkeypatch.setattr(demo, "run_blissctl_stages_beside", one_after_another)
     return stages
 
 
@@ -103,6 +111,10 @@ def test_demo_runs_the_chain_with_equal_conditions_and_prints_the_comparison(tmp
     for flag in ("--size", "--steps", "--seq-len", "--global-batch-tokens", "--seed", "--eval-every", "--val"):
         assert option(bliss_lm, flag) == option(random_lm, flag), flag
     assert option(bliss_lm, "--steps") == "8"  # 16k tokens at 2,048 tokens a step
+    # The arms run side by side from select on, each on half the cores; train-scorer runs alone on all.
+    assert option(train, "--threads") == pinned_threads()[1]
+    for argv in fake.calls[1:]:
+        assert option(argv, "--threads") == pinned_threads(SIDE_BY_SIDE)[1], argv
 
     out = result.output
     assert "BLISS vs random" in out and "austen_novels" in out and "100.0%" in out and "1.00×" in out
@@ -163,3 +175,40 @@ def test_the_real_demo_runs_end_to_end_with_minimal_settings(tmp_path):
         assert saved["arms"][arm]["val_loss"] > 0 and saved["arms"][arm]["bits_per_byte"] > 0
         assert len(saved["arms"][arm]["curve"]) == 2
     assert "BLISS vs random" in result.stdout
+
+
+def test_stages_marked_beside_run_through_the_side_by_side_runner_and_a_failure_waits_for_its_neighbour(tmp_path):
+    from engine.experiment import Stage, run_stages
+
+    def stage(name: str, beside: bool = False) -> Stage:
+        return Stage(title=name, argv=[name], run_dir=tmp_path / name, done=lambda: False, beside_previous=beside)
+
+    alone, together = [], []
+    stages = [stage("first"), stage("a"), stage("b", beside=True), stage("last")]
+
+    def beside(runs):
+        together.append([argv[0] for _, argv in runs])
+        return [StageExit(1 if argv[0] == "a" else 0, 2.0, 1.5) for _, argv in runs]
+
+    with pytest.raises(Exception, match="stage 2 \\(a\\) failed"):
+        run_stages(stages, runner=lambda argv: alone.append(argv[0]) or 0, announce=lambda *a: None, beside=beside)
+    # "b" ran beside the failed "a" (its work is kept); nothing after the pair started.
+    assert alone == ["first"] and together == [["a", "b"]]
+    assert stages[2].timing == {"wall_s": 2.0, "cpu_s": 1.5} and stages[3].timing == {}
+
+
+def test_the_side_by_side_runner_runs_real_commands_and_keeps_each_ones_output_and_status(tmp_path, capsys):
+    from blissctl.common import run_blissctl_stages_beside
+    from engine.experiment import Stage
+
+    runs = [(Stage(title="help", argv=[], run_dir=tmp_path / "run-a", done=lambda: False), ["select", "--help"]),
+            (Stage(title="bad", argv=[], run_dir=tmp_path / "run-b", done=lambda: False),
+             ["select", "--input", str(tmp_path / "missing.jsonl"), "--budget", "10%"])]
+    exits = run_blissctl_stages_beside(runs, tmp_path / "logs")
+    assert [e.code for e in exits] == [0, 2]
+    assert all(e.cpu_s > 0 and e.wall_s > 0 for e in exits)
+    assert "Example" in (tmp_path / "logs" / "run-a.select.log").read_text()
+    bad_log = (tmp_path / "logs" / "run-b.select.log").read_text()
+    assert "missing.jsonl" in bad_log and "Traceback" not in bad_log
+    # Each log is printed once its stage has ended.
+    assert "missing.jsonl" in capsys.readouterr().out
