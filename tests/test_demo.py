@@ -111,9 +111,10 @@ def test_demo_runs_the_chain_with_equal_conditions_and_prints_the_comparison(tmp
     for flag in ("--size", "--steps", "--seq-len", "--global-batch-tokens", "--seed", "--eval-every", "--val"):
         assert option(bliss_lm, flag) == option(random_lm, flag), flag
     assert option(bliss_lm, "--steps") == "8"  # 16k tokens at 2,048 tokens a step
-    # The arms run side by side from select on, each on half the cores; train-scorer runs alone on all.
-    assert option(train, "--threads") == pinned_threads()[1]
-    for argv in fake.calls[1:]:
+    # The arms run side by side from select on, each on half the cores (BLISS's select, whose scores do not
+    # depend on its thread count, on all of them); train-scorer runs alone on all.
+    assert option(train, "--threads") == option(bliss_select, "--threads") == pinned_threads()[1]
+    for argv in fake.calls[2:]:
         assert option(argv, "--threads") == pinned_threads(SIDE_BY_SIDE)[1], argv
 
     out = result.output
