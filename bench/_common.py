@@ -93,6 +93,19 @@ def overlap(kept: set, reference: set) -> tuple[float, float]:
     return round(both / max(len(reference), 1), 4), round(both / max(len(kept | reference), 1), 4)
 
 
+def split_val(work: Path) -> tuple[Path, Path]:
+    """Alternate passages: even ones are the selection target, odd ones are held out for evaluation."""
+    import zstandard
+
+    target, held_out = work / "val-target.jsonl.zst", work / "val-eval.jsonl.zst"
+    if not (target.exists() and held_out.exists()):
+        raw = zstandard.ZstdDecompressor().stream_reader(open(VAL, "rb")).read()
+        lines = [line for line in raw.split(b"\n") if line.strip()]
+        for path, part in ((target, lines[0::2]), (held_out, lines[1::2])):
+            path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(part) + b"\n"))
+    return target, held_out
+
+
 def second_target(work: Path, source: str, holdout: str, documents: int) -> tuple[Path, Path]:
     """Target B: the first ``documents`` documents of ``source`` in the held-out shards, alternately target
     and evaluation."""
@@ -114,3 +127,19 @@ def second_target(work: Path, source: str, holdout: str, documents: int) -> tupl
         for path, part in ((target, lines[0::2]), (held_out, lines[1::2])):
             path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(part) + b"\n"))
     return target, held_out
+
+
+def add_target_arguments(parser) -> None:
+    """The quality benches' choice of target: the narrative passages, or (``--target-source``) a second one."""
+    parser.add_argument("--target-source", default=None,
+                        help="a second target instead of the narrative passages: documents of this source")
+    parser.add_argument("--holdout", default=HOLDOUT_SHARDS,
+                        help="shards, not in --pool, that --target-source's documents come from")
+    parser.add_argument("--target-documents", type=int, default=400)
+
+
+def target_files(args, work: Path) -> tuple[Path, Path]:
+    """(target, held-out) files in ``work`` for ``add_target_arguments``' flags."""
+    if args.target_source:
+        return second_target(work, args.target_source, args.holdout, args.target_documents)
+    return split_val(work)

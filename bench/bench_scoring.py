@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import POOL, record, run_blissctl  # noqa: E402
 
+from engine.eval.compare import read_events  # noqa: E402
+
 
 def select_rate(argv: list[str], runs: Path, run: str, env: dict[str, str] | None = None) -> dict:
     """End to end (the process's wall time, start-up and imports included), and the scoring phase alone
@@ -47,8 +49,7 @@ def select_rate(argv: list[str], runs: Path, run: str, env: dict[str, str] | Non
     manifest = json.loads((runs / run / "selected" / "manifest.json").read_text())
     seen = manifest["documents"]["seen"]
     plan = next((line.strip() for line in cost["output"].splitlines() if "threads:" in line), None)
-    done = [json.loads(line) for line in (runs / run / "events.jsonl").read_text().splitlines() if '"done"' in line]
-    phase_s = done[-1]["elapsed_s"]
+    phase_s = [e for e in read_events(runs / run, "select") if e.get("kind") == "done"][-1]["elapsed_s"]
     return {"docs_per_s": round(seen / cost["wall_s"], 1), "wall_s": cost["wall_s"], "docs": seen,
             "kept": manifest["documents"]["kept"], "cpu_s": cost["cpu_s"], "user_s": cost["user_s"],
             "sys_s": cost["sys_s"], "start_up_s": round(cost["wall_s"] - phase_s, 2),

@@ -36,21 +36,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
-import zstandard
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import (  # noqa: E402
-    HOLDOUT_SHARDS,
     POOL,
     RESULTS,
     SELECTION_SHARDS,
     VAL,
+    add_target_arguments,
     record,
     run_command,
-    second_target,
+    target_files,
 )
 
 from engine.data.sample import BOOK_SOURCES  # noqa: E402
@@ -91,17 +90,6 @@ def run_logged(argv: list[str], log: Path, threads: int | None) -> dict:
 
 def blissctl(*args: str) -> list[str]:
     return [sys.executable, "-m", "blissctl", *args]
-
-
-def split_val(work: Path) -> tuple[Path, Path]:
-    """Alternate passages: even ones are the selection target, odd ones are held out for evaluation."""
-    target, held_out = work / "val-target.jsonl.zst", work / "val-eval.jsonl.zst"
-    if not (target.exists() and held_out.exists()):
-        raw = zstandard.ZstdDecompressor().stream_reader(open(VAL, "rb")).read()
-        lines = [line for line in raw.split(b"\n") if line.strip()]
-        for path, part in ((target, lines[0::2]), (held_out, lines[1::2])):
-            path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(part) + b"\n"))
-    return target, held_out
 
 
 def load_costs(work: Path) -> dict:
@@ -434,11 +422,7 @@ def main() -> None:
     parser.add_argument("--stop-after", choices=("subsets", "pretrain"), default=None)
     parser.add_argument("--task-data", type=Path, default=None,
                         help="a folder of the paper's nine tasks (README, 'Downstream evaluation'): adds their average")
-    parser.add_argument("--target-source", default=None,
-                        help="a second target instead of the narrative passages: documents of this source")
-    parser.add_argument("--holdout", default=HOLDOUT_SHARDS,
-                        help="shards, not in --pool, that --target-source's documents come from")
-    parser.add_argument("--target-documents", type=int, default=400)
+    add_target_arguments(parser)
     args = parser.parse_args()
     if args.pool is None:
         args.pool = Path(SELECTION_SHARDS) if args.target_source else POOL
@@ -450,10 +434,7 @@ def main() -> None:
     work = args.work.resolve()
     args.work = str(work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.target_source:
-        target, held_out = second_target(work, args.target_source, args.holdout, args.target_documents)
-    else:
-        target, held_out = split_val(work)
+    target, held_out = target_files(args, work)
     prepare_subsets(args, work, target)
     if args.stop_after == "subsets":
         return

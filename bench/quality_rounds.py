@@ -38,8 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import HOLDOUT_SHARDS, POOL, kept_lines, overlap, record, run_command, second_target  # noqa: E402
-from quality import split_val  # noqa: E402
+from _common import (  # noqa: E402
+    SELECTION_SHARDS,
+    add_target_arguments,
+    kept_lines,
+    overlap,
+    record,
+    run_command,
+    target_files,
+)
 
 from engine.eval.compare import speedup  # noqa: E402
 
@@ -160,7 +167,9 @@ def tuning_table(work: Path, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work-rounds")
-    parser.add_argument("--pool", type=Path, default=POOL)
+    parser.add_argument("--pool", type=Path, default=Path(SELECTION_SHARDS),
+                        help="the candidate pool, for both targets (default: the first four shards, as every "
+                             "recorded run; the second target's documents come from the other four)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-tokens", default="200k")
     parser.add_argument("--budget", default="20%")
@@ -170,10 +179,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every stage (1: a shared machine)")
-    parser.add_argument("--target-source", help="run target B instead: documents of this source")
-    parser.add_argument("--holdout", default=HOLDOUT_SHARDS,
-                        help="shards, not in --pool, that target B's documents come from")
-    parser.add_argument("--target-documents", type=int, default=400)
+    add_target_arguments(parser)
     parser.add_argument("--tag", default="", help="a variant's suffix to its experiments' names (with --extra)")
     parser.add_argument("--summary-only", action="store_true",
                         help="run nothing: summarise the arm-seeds already finished in WORK")
@@ -195,10 +201,7 @@ def main() -> None:
                   f"{row['cross_target_jaccard'] or ''}")
         return
     prefix = "B-" if args.target_source else ""
-    if args.target_source:
-        target, held_out = second_target(args.work, args.target_source, args.holdout, args.target_documents)
-    else:
-        target, held_out = split_val(args.work)
+    target, held_out = target_files(args, args.work)
     results: dict[str, dict[int, dict]] = {}
     name = "quality_rounds" + (f"_B_{args.target_source}" if args.target_source else "") + args.tag.replace("-", "_")
     for seed in args.seeds:

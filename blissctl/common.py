@@ -54,45 +54,35 @@ def handles_user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def run_blissctl_stage(argv: list[str]) -> int:
-    """Run one stage of an experiment as its own ``blissctl`` process (as a user would), its output
-    straight to the terminal; the stage dies with this process (``kill -9`` of the experiment leaves
-    nothing running, and ``--resume`` finds each stage as it was left)."""
+def stage_process_args(argv: list[str]) -> dict:
+    """How an experiment's stage starts: ``python -m blissctl ARGV``, as a user would run it, dying with
+    this process (``kill -9`` of the experiment leaves nothing running, and ``--resume`` finds each
+    stage as it was left). Keyword arguments of ``subprocess.run`` / ``Popen``."""
     import os
     import signal
-    import subprocess
 
     from engine.runtime import die_with_parent
 
     parent = os.getpid()
-    return subprocess.run([sys.executable, "-m", "blissctl", *argv],
-                          preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM)).returncode
+    return {"args": [sys.executable, "-m", "blissctl", *argv],
+            "preexec_fn": lambda: die_with_parent(parent, signal.SIGTERM)}
 
 
+def run_blissctl_stage(argv: list[str]) -> int:
+    """Run one stage of an experiment as its own ``blissctl`` process (``stage_process_args``), its
+    output straight to the terminal."""
+    import subprocess
 
-def stage_fraction(run_root) -> float | None:
-    """How far a running stage is, from its run directory's events: the last ``progress`` fraction
-    (train-scorer, select), else steps done over the start event's steps (pretrain); None before either."""
-    from engine.eval.compare import read_events
-
-    events = read_events(run_root)
-    fractions = [e["fraction"] for e in events if e.get("kind") == "progress" and "fraction" in e]
-    if fractions:
-        return float(fractions[-1])
-    starts = [e for e in events if e.get("kind") == "start" and e.get("steps")]
-    steps = [e["step"] for e in events if e.get("kind") == "step" and "step" in e]
-    if starts and steps:
-        return min(1.0, steps[-1] / starts[-1]["steps"])
-    return None
+    return subprocess.run(**stage_process_args(argv)).returncode
 
 
 def run_blissctl_stages_beside(runs, log_dir) -> list:
     """Run experiment stages (``(Stage, argv)`` pairs) at once, each as its own ``blissctl`` process as
     ``run_blissctl_stage`` runs one. Their output goes to ``log_dir/RUN.COMMAND.log`` (two live progress
     displays cannot share a terminal) and is printed whole once each ends; meanwhile one line a stage
-    shows how far it is, from its run directory. Each stage's own CPU-seconds come from ``wait4``."""
+    shows how far it is, from its run directory's events as the dashboard folds them. Each stage's own
+    CPU-seconds come from ``wait4``."""
     import os
-    import signal
     import subprocess
     import threading
     import time
@@ -102,9 +92,9 @@ def run_blissctl_stages_beside(runs, log_dir) -> list:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from engine.experiment import StageExit
-    from engine.runtime import die_with_parent
+    from tui.events import EventTail
+    from tui.state import RunState
 
-    parent = os.getpid()
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     # The children write to files, so rich there sees no terminal: give it this one's width for its tables.
@@ -113,6 +103,7 @@ def run_blissctl_stages_beside(runs, log_dir) -> list:
 
     def reap(index: int, process: subprocess.Popen, began: float) -> None:
         _, status, usage = os.wait4(process.pid, 0)
+        # Popen must learn that the child is reaped, or it would wait for it (and warn) when collected.
         process.returncode = os.waitstatus_to_exitcode(status)
         exits[index] = StageExit(process.returncode, time.perf_counter() - began, usage.ru_utime + usage.ru_stime)
 
@@ -121,20 +112,23 @@ def run_blissctl_stages_beside(runs, log_dir) -> list:
         log = log_dir / f"{stage.run_dir.name}.{argv[0]}.log"
         logs.append(log)
         with open(log, "wb") as out:
-            process = subprocess.Popen([sys.executable, "-m", "blissctl", *argv], stdout=out,
-                                       stderr=subprocess.STDOUT, env=env,
-                                       preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM))
+            process = subprocess.Popen(**stage_process_args(argv), stdout=out, stderr=subprocess.STDOUT, env=env)
         reaper = threading.Thread(target=reap, args=(index, process, time.perf_counter()), daemon=True)
         reaper.start()
         reapers.append(reaper)
 
+    # A run directory holds other stages' events too (eval's is the pretrain run's): follow the command's own.
+    followed = [(EventTail(stage.run_dir / "events.jsonl"), RunState(stage.run_dir.name), argv[0])
+                for stage, argv in runs]
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             tasks = [progress.add_task(escape(f"{argv[0]} {stage.run_dir.name}"), total=1.0) for stage, argv in runs]
             while any(reaper.is_alive() for reaper in reapers):
-                for task, (stage, _), exit in zip(tasks, runs, exits, strict=True):
-                    fraction = 1.0 if exit is not None else stage_fraction(stage.run_dir)
+                for task, (tail, state, command), exit in zip(tasks, followed, exits, strict=True):
+                    state.fold_batch(tail.read())
+                    stage_state = state.stages.get(command)
+                    fraction = 1.0 if exit is not None else (stage_state.fraction if stage_state else None)
                     progress.update(task, completed=fraction or 0.0)
                 time.sleep(0.5)
     except KeyboardInterrupt:  # the terminal's Ctrl-C reached the stages too: let them keep what they wrote

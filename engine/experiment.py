@@ -156,7 +156,7 @@ class Stage:
     """What it does in its round: ``select``, ``pretrain``, ``proxy``, ``train-scorer``, ``eval``."""
     beside_previous: bool = False
     """Runs side by side with the stage before it (neither reads what the other writes): the demo's two
-    arms. Each then has half the cores (``pinned_threads(side_by_side=2)``)."""
+    arms. Its command line then shares the cores (``pinned_threads(SIDE_BY_SIDE)``, ``select_threads``)."""
 
 
 def pinned_threads(side_by_side: int = 1) -> tuple[str, ...]:
@@ -295,7 +295,8 @@ def run_stages(stages: list[Stage], runner: Callable[[list[str]], int],
         code = runner(argv)
         return StageExit(code, time.perf_counter() - wall, children_cpu_s() - cpu)
 
-    for group in side_by_side_groups(stages):
+    groups = side_by_side_groups(stages) if beside is not None else [[pair] for pair in enumerate(stages, 1)]
+    for group in groups:
         pending = []
         for number, stage in group:
             if stage.done():
@@ -304,16 +305,14 @@ def run_stages(stages: list[Stage], runner: Callable[[list[str]], int],
             argv = [*stage.argv, *(["--resume"] if stage.resumable() else [])]
             announce(number, stage, argv)
             pending.append((number, stage, argv))
-        if beside is not None and len(pending) > 1:
+        if not pending:
+            continue
+        if len(pending) > 1:
             exits = beside([(stage, argv) for _, stage, argv in pending])
         else:
-            exits = []
-            for _, _, argv in pending:
-                exits.append(run_alone(argv))
-                if exits[-1].code != 0:
-                    break
+            exits = [run_alone(pending[0][2])]
         failed = None
-        for (number, stage, argv), exit in zip(pending, exits, strict=False):  # exits stop at a failure
+        for (number, stage, argv), exit in zip(pending, exits, strict=True):
             stage.timing = {"wall_s": exit.wall_s, "cpu_s": exit.cpu_s}
             if exit.code != 0:
                 failed = failed or (number, argv[0], exit.code)
