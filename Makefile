@@ -28,7 +28,7 @@ test: $(STAMP) ## run the fast CPU test suite (what CI runs)
 test-slow: $(STAMP) ## run the slow tests too
 	$(BIN)/python -m pytest -q -m ''
 
-demo: $(STAMP) ## train-scorer, select (BLISS and random), pretrain and eval on the embedded sample (~5 min)
+demo: $(STAMP) ## train-scorer, select (BLISS and random), pretrain and eval on the embedded sample (2-7 min, by the load)
 	$(BIN)/blissctl demo
 
 demo-rounds: $(STAMP) ## blissctl rounds (multi-round BLISS) and its random-rounds control arm on the embedded sample

@@ -2,7 +2,7 @@
 
 With no arguments, on the embedded pool (9,600 documents) and its 300 held-out narrative passages: train-scorer trains a tiny proxy LM and its score model against the passages; select keeps 30% of the pool's tokens with BLISS, and 30% at random (the control arm, same tokenizer); pretrain trains the same tiny model on each subset (same seed, token count and schedule); eval measures each on the passages. The demo then prints what each subset contains, validation loss, bits per byte, the loss against tokens trained, and BLISS's speed-up over random.
 
-Each stage is the blissctl command it prints, so any one can be rerun by hand. After train-scorer the two arms run side by side, each on half the cores (their output is shown when each ends, and kept in RUNS_DIR/PREFIX-logs/). Running the demo again with the same settings reuses finished stages and continues an interrupted one; --force redoes everything. About 4 minutes on 2 free CPU cores (longer when they are shared). The figures are also saved to RUNS_DIR/PREFIX-comparison.json.
+Each stage is the blissctl command it prints, so any one can be rerun by hand. After train-scorer the two arms run side by side, each on half the cores (their output is shown when each ends, and kept in RUNS_DIR/PREFIX-logs/). Running the demo again with the same settings reuses finished stages and continues an interrupted one; --force redoes everything. About 2 minutes on 2 free CPU cores (up to 7 when they are shared). The figures are also saved to RUNS_DIR/PREFIX-comparison.json.
 
 Example: blissctl demo
 
