@@ -49,24 +49,26 @@ def record(name: str, figures: dict) -> Path:
 
 
 def run_blissctl(args: list[str], *, log: Path | None = None, threads: int | None = None,
-                 env: dict[str, str] | None = None) -> dict:
+                 env: dict[str, str] | None = None, tree: Path = ROOT) -> dict:
     """``python -m blissctl ARGS`` as users run it (``run_command``)."""
-    return run_command([sys.executable, "-m", "blissctl", *args], log=log, threads=threads, env=env)
+    return run_command([sys.executable, "-m", "blissctl", *args], log=log, threads=threads, env=env, tree=tree)
 
 
 def run_command(argv: list[str], *, log: Path | None = None, threads: int | None = None,
-                env: dict[str, str] | None = None) -> dict:
+                env: dict[str, str] | None = None, tree: Path = ROOT) -> dict:
     """``argv`` to completion; its output appended to ``log`` (or returned as ``output``). Wall seconds,
     and the user and system seconds of it and its children (``wait4``: this command's own, even with
-    other commands running). ``threads`` sets ``OMP_NUM_THREADS``, ``env`` adds variables. Exits on failure."""
+    other commands running). ``threads`` sets ``OMP_NUM_THREADS``, ``env`` adds variables. ``tree`` is
+    the checkout whose code runs (first on ``PYTHONPATH``, and the working folder): another commit's
+    worktree runs that commit's code with this environment. Exits on failure."""
     env = {**os.environ, **(env or {})}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     started = time.perf_counter()
     with open(log, "ab") if log is not None else open(os.devnull, "wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink if log is not None else subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                stderr=subprocess.STDOUT, env=env, cwd=tree)
         output = proc.stdout.read().decode(errors="replace") if proc.stdout is not None else ""
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
