@@ -81,7 +81,8 @@ def test_the_cores_are_the_ones_this_process_may_use():
 
 
 # The same 64 MB tensor allocated and freed 20 times, as a training step does with its logits; the
-# minor page faults of that loop, in a fresh interpreter, with and without reuse_freed_memory().
+# minor page faults of that loop, in a fresh interpreter, with and without reuse_freed_memory(), once
+# per window asked for.
 PAGE_FAULTS = """
 import resource, sys
 import torch
@@ -89,26 +90,32 @@ from engine.runtime import reuse_freed_memory
 took = reuse_freed_memory() if sys.argv[1] == "reuse" else None
 for _ in range(10):  # warm up: the first rounds grow the heap (and any arena) once
     torch.ones(16, 1024, 1024).sum()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    torch.ones(16, 1024, 1024).sum()
-print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+windows = []
+for _ in range(int(sys.argv[2])):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(16, 1024, 1024).sum()
+    windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(took, *windows)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_freed_tensors_are_reused_without_page_faults():
-    def faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[2]).stdout.split()
-        return out[0], int(out[1])
+    def faults(mode: str, windows: int) -> tuple[str, list[int]]:
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode, str(windows)], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split()
+        return out[0], [int(count) for count in out[1:]]
 
-    took, reused = faults("reuse")
-    _, plain = faults("plain")
+    # Three windows with the heap kept, and their median: once in a full CI-like run (and never in 300 runs
+    # alone) one window re-faulted 3 × 64 MB of heap pages (exactly 3 × 16,384, no mmap header page), a
+    # disturbance from outside the loop; a broken reuse_freed_memory() re-faults every window.
+    took, reused = faults("reuse", 3)
+    _, (plain,) = faults("plain", 1)
     assert took == "True"
     # Each fresh 64 MB mmap faults in 16k pages again; the kept heap faulted them in the warm-up.
     assert plain > 20 * 16_000 * 0.8
-    assert reused < plain / 10
+    assert sorted(reused)[1] < plain / 10, reused
 
 
 def test_omp_num_threads_is_the_users_choice_and_threads_wins_over_it(four_cores, monkeypatch):
